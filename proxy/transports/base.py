@@ -1,0 +1,132 @@
+"""The interface every transport implements, and the name registry.
+
+An image name is ``transport:reference`` as ``skopeo copy`` takes it. Each
+transport lives in its own module and registers a parser here; the rest of the
+proxy only sees :class:`ImageSource`. Blob readers are plain blocking file
+objects because blob bodies are always moved by worker threads, which keeps
+the event loop free and lets local files use ``sendfile``/``splice``.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from protocol.errors import ClientError
+from protocol.image import Digest
+
+
+@dataclass
+class SystemContext:
+    """What the command line says about reaching sources (skopeo's flags)."""
+
+    authfile: str | None = None
+    creds: str | None = None
+    username: str | None = None
+    password: str | None = None
+    registry_token: str | None = None
+    no_creds: bool = False
+    cert_dir: str | None = None
+    tls_verify: bool | None = None
+    user_agent_prefix: str | None = None
+    shared_blob_dir: str | None = None
+    daemon_host: str | None = None
+    decryption_keys: list[str] = field(default_factory=list)
+    override_os: str | None = None
+    override_arch: str | None = None
+    override_variant: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer as a copy would fetch it: what GetLayerInfo reports."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass
+class Blob:
+    """An open blob: a blocking reader and its size (-1 when unknown).
+
+    ``fileno`` is set when the blob is a whole local file, so workers may use
+    zero-copy system calls on it.
+    """
+
+    reader: BinaryIO
+    size: int
+    fileno: int | None = None
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class ImageSource(abc.ABC):
+    """One opened image reference in one transport."""
+
+    #: The image name as the client gave it, for error messages.
+    name: str
+
+    @abc.abstractmethod
+    async def get_manifest(self, instance: Digest | None = None) -> tuple[bytes, str]:
+        """The stored manifest bytes and media type.
+
+        ``instance`` picks a manifest by digest out of a list; ``None`` is the
+        manifest the reference names (possibly an index).
+        """
+
+    @abc.abstractmethod
+    def open_blob(self, digest: Digest) -> Blob:
+        """Open a blob for reading; blocking, called from worker threads."""
+
+    def layer_infos_for_copy(self) -> list[LayerInfo] | None:
+        """Layers as a copy would use them, when they differ from the manifest.
+
+        Only stores that keep layers uncompressed (containers-storage) say
+        anything here; the default defers to the manifest.
+        """
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - most sources hold nothing
+        """Release what the source holds (files, connections)."""
+
+
+class Transport(abc.ABC):
+    """Parses a reference and opens it."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def open(self, reference: str, context: SystemContext) -> ImageSource:
+        """Open ``reference`` (the part after ``name:``)."""
+
+
+_transports: dict[str, Callable[[], Transport]] = {}
+
+
+def register(name: str, factory: Callable[[], Transport]) -> None:
+    _transports[name] = factory
+
+
+def split_image_name(image_name: str) -> tuple[Transport, str]:
+    """Find the transport of ``transport:reference``; errors read as skopeo's."""
+    transport_name, separator, reference = image_name.partition(":")
+    if not separator:
+        raise ClientError(
+            f'Invalid image name "{image_name}", expected colon-separated '
+            "transport:reference"
+        )
+    factory = _transports.get(transport_name)
+    if factory is None:
+        raise ClientError(
+            f'Invalid image name "{image_name}", unknown transport "{transport_name}"'
+        )
+    return factory(), reference
+
+
+def empty_reader() -> BinaryIO:
+    return io.BytesIO(b"")
