@@ -84,9 +84,11 @@ class FdSocket:
 
         The caller keeps ownership of ``fds`` and closes them afterwards.
         Raises anyio.BrokenResourceError when the peer is gone or an earlier
-        send was interrupted half way.
+        send was interrupted half way, anyio.ClosedResourceError after
+        `aclose`.
         """
         async with self._send_lock:
+            self._check_open()
             if self._send_broken:
                 raise anyio.BrokenResourceError("an earlier send was interrupted")
             try:
@@ -106,6 +108,7 @@ class FdSocket:
         the kernel truncated the fds.
         """
         while True:
+            self._check_open()
             try:
                 data, ancillary, flags, _ = self._sock.recvmsg(
                     max_bytes, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
@@ -133,6 +136,10 @@ class FdSocket:
             anyio.notify_closing(self._sock)
         self._sock.close()
         await anyio.lowlevel.checkpoint()
+
+    def _check_open(self) -> None:
+        if self._sock.fileno() < 0:
+            raise anyio.ClosedResourceError("the jsonrpc-fdpass socket is closed")
 
     async def _send_calls(self, payload: bytes, fds: Sequence[int]) -> None:
         calls = deque(plan_fd_batches(payload, fds, self._fd_batch))
