@@ -1,0 +1,352 @@
+"""Layers unpacked once into a verified, atomically published cache entry.
+
+A cache entry holds one layer as a splitfdstream plus its external files:
+tar headers, padding and small file contents (up to ``inline_threshold``
+bytes) are inline in ``stream``; each larger regular file's content is its own
+read-only file ``files/<k>``, named by its external index ``k``. Serving a
+layer is then opening ``stream`` and the files, and a client on the same
+filesystem can reflink them instead of copying.
+
+Layout under the cache root::
+
+    tmp/<random>/                 a build in progress (never trusted)
+    layers/sha256/<hex>/          a published entry for diffID sha256:<hex>
+        layer.json                size of the uncompressed tar, file count
+        stream                    the splitfdstream
+        files/0, files/1, ...     external files, in stream order
+
+Strategy and bounds: ``build`` streams the compressed blob through the
+decompressor, the tar splitter and sha256 in 1 MiB reads, so memory stays
+flat whatever the layer size; file contents are written as they arrive.
+Nothing is published until the sha256 of the uncompressed bytes equals the
+diffID: the entry is built in ``tmp/``, flushed to disk, then renamed into
+``layers/`` in one step. A rename onto an existing entry fails, so when two
+builds of one diffID race, the second discards its copy and returns the
+first. A crash leaves only a ``tmp/`` directory, which ``lookup`` never reads
+and which is removed once it is older than ``stale_after`` seconds.
+A truncated zstd stream is not reported by the decompressor itself; it shows
+up as a truncated tar or a diffID mismatch, and is refused all the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+import isal.igzip_threaded
+import zstandard
+
+from protocol.errors import DigestMismatchError, SourceError, UnsupportedError
+from protocol.splitfdstream import SplitFDStreamWriter
+from protocol.tar import (
+    Content,
+    EntryType,
+    Header,
+    TarEvent,
+    TarFormatError,
+    TarSplitter,
+)
+
+__all__ = ["CachedLayer", "LayerCache", "LAYER_MEDIA_TYPES"]
+
+_READ_SIZE = 1 << 20
+_DIFF_ID = re.compile(r"sha256:([0-9a-f]{64})")
+
+_PLAIN = "tar"
+_GZIP = "gzip"
+_ZSTD = "zstd"
+
+#: Layer media types ``build`` accepts, with the compression each implies.
+LAYER_MEDIA_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": _PLAIN,
+    "application/vnd.oci.image.layer.v1.tar+gzip": _GZIP,
+    "application/vnd.oci.image.layer.v1.tar+zstd": _ZSTD,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": _PLAIN,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": _GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": _ZSTD,
+    "application/vnd.docker.image.rootfs.diff.tar": _PLAIN,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": _GZIP,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": _GZIP,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CachedLayer:
+    """A published cache entry.
+
+    External index ``k`` of the splitfdstream at ``stream_path`` is the whole
+    content of ``files[k]``; ``size`` is the length of the uncompressed tar.
+    """
+
+    diff_id: str
+    stream_path: Path
+    files: list[Path]
+    size: int
+    file_count: int
+
+
+class LayerCache:
+    """Uncompressed layers kept as splitfdstreams under ``root``.
+
+    :param inline_threshold: regular files up to this many bytes stay inline
+        in the stream (saving an fd each); larger ones get their own file.
+    :param stale_after: age in seconds past which a leftover build directory
+        is taken for the debris of a crash and removed.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        inline_threshold: int = 4096,
+        stale_after: float = 6 * 3600,
+    ) -> None:
+        self.root = root
+        self.inline_threshold = inline_threshold
+        self._tmp = root / "tmp"
+        self._layers = root / "layers" / "sha256"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._layers.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_builds(stale_after)
+
+    def lookup(self, diff_id: str) -> CachedLayer | None:
+        """Return the published entry for ``diff_id``, or None if there is none."""
+        entry = self._layers / _hex_of(diff_id)
+        try:
+            meta = json.loads((entry / "layer.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        file_count = int(meta["fileCount"])
+        files = [entry / "files" / str(k) for k in range(file_count)]
+        return CachedLayer(
+            diff_id=diff_id,
+            stream_path=entry / "stream",
+            files=files,
+            size=int(meta["size"]),
+            file_count=file_count,
+        )
+
+    def build(self, diff_id: str, compressed: BinaryIO, media_type: str) -> CachedLayer:
+        """Unpack a layer blob into the cache and return its entry.
+
+        Blocks for the whole build; run it in a worker thread. Returns the
+        existing entry untouched when ``diff_id`` is already cached.
+
+        :raises DigestMismatchError: the uncompressed content does not hash to
+            ``diff_id``; nothing is published.
+        :raises UnsupportedError: ``media_type`` is not a tar layer we handle.
+        :raises SourceError: the blob does not decompress or is not a tar.
+        """
+        hex_digest = _hex_of(diff_id)
+        compression = LAYER_MEDIA_TYPES.get(media_type)
+        if compression is None:
+            raise UnsupportedError(
+                f"layer {diff_id} has media type {media_type!r}, which is not"
+                " a tar layer we can unpack"
+            )
+        existing = self.lookup(diff_id)
+        if existing is not None:
+            return existing
+
+        build_dir = Path(tempfile.mkdtemp(prefix=f"{hex_digest[:12]}-", dir=self._tmp))
+        try:
+            with _decompressed(compressed, compression) as tar_stream:
+                digest = _unpack(
+                    tar_stream, build_dir, self.inline_threshold, diff_id, compression
+                )
+            if digest != diff_id:
+                raise DigestMismatchError(
+                    f"layer {diff_id}: the uncompressed content has digest"
+                    f" {digest}, not the diffID of the image config",
+                    expected=diff_id,
+                    actual=digest,
+                )
+            _sync_filesystem(build_dir)
+            return self._publish(diff_id, build_dir)
+        finally:
+            if build_dir.exists():
+                shutil.rmtree(build_dir, ignore_errors=True)
+
+    def _publish(self, diff_id: str, build_dir: Path) -> CachedLayer:
+        target = self._layers / _hex_of(diff_id)
+        try:
+            os.rename(build_dir, target)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another build of the same diffID won; its entry is as good.
+        else:
+            _fsync_dir(self._layers)
+        published = self.lookup(diff_id)
+        if published is None:
+            raise SourceError(f"layer {diff_id}: cache entry vanished after publishing")
+        return published
+
+    def _remove_stale_builds(self, stale_after: float) -> None:
+        cutoff = time.time() - stale_after
+        for leftover in self._tmp.iterdir():
+            try:
+                if leftover.lstat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except FileNotFoundError:
+                continue
+
+
+def _hex_of(diff_id: str) -> str:
+    match = _DIFF_ID.fullmatch(diff_id)
+    if match is None:
+        if diff_id.partition(":")[0] not in ("", "sha256") and ":" in diff_id:
+            raise UnsupportedError(
+                f"diffID {diff_id!r} uses a digest algorithm other than sha256"
+            )
+        raise SourceError(f"diffID {diff_id!r} is not a valid sha256 digest")
+    return match.group(1)
+
+
+@contextmanager
+def _decompressed(compressed: BinaryIO, compression: str) -> Iterator[IO[bytes]]:
+    if compression == _PLAIN:
+        yield compressed
+    elif compression == _GZIP:
+        # ISA-L inflates several times faster than zlib; its reader thread
+        # overlaps inflating with our splitting on a second core.
+        opener: Callable[..., IO[bytes]] = isal.igzip_threaded.open
+        with opener(compressed, "rb", threads=1) as stream:
+            yield stream
+    else:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            compressed, read_across_frames=True, closefd=False
+        )
+        with reader:
+            yield reader
+
+
+def _unpack(
+    tar_stream: IO[bytes],
+    build_dir: Path,
+    inline_threshold: int,
+    diff_id: str,
+    compression: str,
+) -> str:
+    """Split the tar into ``build_dir``; return ``sha256:<hex>`` of the tar."""
+    files_dir = build_dir / "files"
+    files_dir.mkdir()
+    hasher = hashlib.sha256()
+    splitter = TarSplitter()
+    writer = SplitFDStreamWriter()
+    size = 0
+    file_count = 0
+    current: IO[bytes] | None = None
+    current_left = 0
+
+    with _create(build_dir / "stream") as stream:
+        try:
+            for chunk in _chunks(tar_stream, diff_id, compression):
+                hasher.update(chunk)
+                size += len(chunk)
+                for event in _split(splitter, chunk, diff_id):
+                    if isinstance(event, Content) and current is not None:
+                        current.write(event.data)
+                        current_left -= len(event.data)
+                        if current_left == 0:
+                            current.close()
+                            current = None
+                    elif isinstance(event, Content):
+                        stream.write(writer.inline(event.data))
+                    else:
+                        stream.write(writer.inline(event.raw))
+                    if not isinstance(event, Header):
+                        continue
+                    entry = event.entry
+                    if (
+                        entry.type is EntryType.REGULAR
+                        and entry.size > inline_threshold
+                    ):
+                        current = _create(files_dir / str(file_count))
+                        current_left = entry.size
+                        stream.write(writer.external(file_count))
+                        file_count += 1
+            _split(splitter, None, diff_id)
+        finally:
+            if current is not None:
+                current.close()
+        stream.write(writer.finish())
+
+    meta = {"diffID": diff_id, "size": size, "fileCount": file_count}
+    with _create(build_dir / "layer.json") as f:
+        f.write(json.dumps(meta).encode())
+    return f"sha256:{hasher.hexdigest()}"
+
+
+def _chunks(tar_stream: IO[bytes], diff_id: str, compression: str) -> Iterator[bytes]:
+    done = 0
+    while True:
+        try:
+            chunk = tar_stream.read(_READ_SIZE)
+        except (OSError, EOFError, zstandard.ZstdError) as err:
+            raise SourceError(
+                f"layer {diff_id}: the {compression} stream is corrupt or"
+                f" truncated after {done} uncompressed bytes: {err}"
+            ) from err
+        if not chunk:
+            return
+        done += len(chunk)
+        yield chunk
+
+
+def _split(splitter: TarSplitter, chunk: bytes | None, diff_id: str) -> list[TarEvent]:
+    """Feed ``chunk`` (None: end of input), naming the layer in any error."""
+    try:
+        if chunk is None:
+            splitter.finish()
+            return []
+        return splitter.feed(chunk)
+    except TarFormatError as err:
+        raise TarFormatError(f"layer {diff_id}: {err}") from err
+
+
+def _create(path: Path) -> IO[bytes]:
+    # Read-only from birth: the fds we hand out can never write through.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    return open(fd, "wb", buffering=_READ_SIZE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc_syncfs = None
+_libc_name = ctypes.util.find_library("c")
+if _libc_name is not None:
+    _libc_syncfs = getattr(ctypes.CDLL(_libc_name, use_errno=True), "syncfs", None)
+
+
+def _sync_filesystem(build_dir: Path) -> None:
+    """Flush the whole build to disk before it is published.
+
+    One syncfs of the cache's filesystem costs far less than an fsync per
+    file of a layer with thousands of files.
+    """
+    fd = os.open(build_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc_syncfs is None or _libc_syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""The layer cache: verified builds, byte-exact reconstruction, atomic publish.
+
+Layers are made by GNU tar and compressed by the gzip and zstd commands; the
+expected digest is hashlib's sha256 of the tar GNU tar wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import DigestMismatchError, SourceError, UnsupportedError
+from protocol.splitfdstream import External, Inline, SplitFDStreamReader
+from proxy.layercache import CachedLayer, LayerCache
+
+OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+def require(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"needs the {tool} command")
+
+
+@pytest.fixture(scope="module")
+def layer_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    require("tar")
+    tree = tmp_path_factory.mktemp("layer") / "tree"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "tool").write_bytes(os.urandom(200_000))
+    (tree / "usr" / "bin" / "threshold").write_bytes(b"t" * 4096)
+    (tree / "usr" / "bin" / "just-over").write_bytes(b"o" * 4097)
+    (tree / "etc").mkdir()
+    (tree / "etc" / "hostname").write_bytes(b"box\n")
+    (tree / "etc" / "empty").write_bytes(b"")
+    (tree / "etc" / ("long" * 40)).write_bytes(os.urandom(9000))
+    os.symlink("../usr/bin/tool", tree / "etc" / "tool-link")
+    os.link(tree / "usr" / "bin" / "tool", tree / "usr" / "bin" / "tool-hardlink")
+    return subprocess.run(
+        ["tar", "--format=posix", "-cf", "-", "-C", tree, "."],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def compress(data: bytes, tool: str) -> bytes:
+    require(tool)
+    return subprocess.run(
+        [tool, "-c"], input=data, capture_output=True, check=True
+    ).stdout
+
+
+def diff_id_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def reconstruct(layer: CachedLayer) -> bytes:
+    reader = SplitFDStreamReader()
+    out = bytearray()
+    for event in reader.feed(layer.stream_path.read_bytes()):
+        if isinstance(event, Inline):
+            out += event.data
+        else:
+            assert isinstance(event, External)
+            out += layer.files[event.index].read_bytes()
+    reader.finish()
+    return bytes(out)
+
+
+def regular_files_over(data: bytes, threshold: int) -> int:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return sum(1 for m in archive if m.isreg() and m.size > threshold)
+
+
+@pytest.mark.parametrize(
+    ("media_type", "tool"),
+    [(OCI_GZIP, "gzip"), (DOCKER_GZIP, "gzip"), (OCI_ZSTD, "zstd"), (OCI_TAR, None)],
+)
+def test_build_reconstructs_the_original_tar(
+    tmp_path: Path, layer_tar: bytes, media_type: str, tool: str | None
+) -> None:
+    blob = compress(layer_tar, tool) if tool else layer_tar
+    cache = LayerCache(tmp_path)
+    layer = cache.build(diff_id_of(layer_tar), io.BytesIO(blob), media_type)
+    assert (
+        hashlib.sha256(reconstruct(layer)).hexdigest()
+        == hashlib.sha256(layer_tar).hexdigest()
+    )
+    assert layer.size == len(layer_tar)
+
+
+def test_only_files_over_the_inline_threshold_are_external(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    cache = LayerCache(tmp_path, inline_threshold=4096)
+    layer = cache.build(diff_id_of(layer_tar), io.BytesIO(layer_tar), OCI_TAR)
+    assert layer.file_count == len(layer.files) == regular_files_over(layer_tar, 4096)
+    assert layer.file_count == 3  # tool, just-over and the long-named file
+
+
+def test_cached_files_are_read_only(tmp_path: Path, layer_tar: bytes) -> None:
+    layer = LayerCache(tmp_path).build(
+        diff_id_of(layer_tar), io.BytesIO(layer_tar), OCI_TAR
+    )
+    for path in [layer.stream_path, *layer.files]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+
+
+def test_lookup_finds_a_published_layer_from_a_new_cache_object(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    diff_id = diff_id_of(layer_tar)
+    assert LayerCache(tmp_path).lookup(diff_id) is None
+    built = LayerCache(tmp_path).build(diff_id, io.BytesIO(layer_tar), OCI_TAR)
+    assert LayerCache(tmp_path).lookup(diff_id) == built
+
+
+def published_entries(root: Path) -> list[Path]:
+    return list((root / "layers" / "sha256").iterdir())
+
+
+def build_leftovers(root: Path) -> list[Path]:
+    return list((root / "tmp").iterdir())
+
+
+def test_diff_id_mismatch_names_both_digests_and_publishes_nothing(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    wrong = "sha256:" + "0" * 64
+    cache = LayerCache(tmp_path)
+    with pytest.raises(DigestMismatchError) as raised:
+        cache.build(wrong, io.BytesIO(compress(layer_tar, "gzip")), OCI_GZIP)
+    assert raised.value.expected == wrong
+    assert raised.value.actual == diff_id_of(layer_tar)
+    assert wrong in str(raised.value) and diff_id_of(layer_tar) in str(raised.value)
+    assert cache.lookup(wrong) is None
+    assert published_entries(tmp_path) == []
+    assert build_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("media_type", "tool"), [(OCI_GZIP, "gzip"), (OCI_ZSTD, "zstd")]
+)
+def test_truncated_blob_fails_and_leaves_nothing_lookup_returns(
+    tmp_path: Path, layer_tar: bytes, media_type: str, tool: str
+) -> None:
+    blob = compress(layer_tar, tool)
+    diff_id = diff_id_of(layer_tar)
+    cache = LayerCache(tmp_path)
+    with pytest.raises(SourceError):
+        cache.build(diff_id, io.BytesIO(blob[: len(blob) // 2]), media_type)
+    assert cache.lookup(diff_id) is None
+    assert published_entries(tmp_path) == []
+    assert build_leftovers(tmp_path) == []
+
+
+def test_garbage_instead_of_gzip_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="sha256:" + "1" * 64):
+        LayerCache(tmp_path).build(
+            "sha256:" + "1" * 64, io.BytesIO(b"not gzip at all" * 100), OCI_GZIP
+        )
+
+
+class BarrierReader(io.BytesIO):
+    """A blob that makes two builds both start before either can finish."""
+
+    def __init__(self, data: bytes, barrier: threading.Barrier) -> None:
+        super().__init__(data)
+        self._barrier: threading.Barrier | None = barrier
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._barrier is not None:
+            self._barrier.wait(timeout=60)
+            self._barrier = None
+        return super().read(size)
+
+
+def test_concurrent_builds_of_one_diff_id_give_one_good_entry(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    diff_id = diff_id_of(layer_tar)
+    cache = LayerCache(tmp_path)
+    barrier = threading.Barrier(2)
+    results: list[CachedLayer] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            blob = BarrierReader(layer_tar, barrier)
+            results.append(cache.build(diff_id, blob, OCI_TAR))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert results[0] == results[1]
+    assert len(published_entries(tmp_path)) == 1
+    assert build_leftovers(tmp_path) == []
+    assert reconstruct(results[0]) == layer_tar
+
+
+def test_stale_build_directories_are_removed_at_start(tmp_path: Path) -> None:
+    stale = tmp_path / "tmp" / "crashed"
+    fresh = tmp_path / "tmp" / "running"
+    (stale / "files").mkdir(parents=True)
+    fresh.mkdir()
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    LayerCache(tmp_path)
+    assert not stale.exists()
+    assert fresh.exists()
+
+
+def test_unknown_media_type_is_unsupported(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match="application/vnd.oci.image.config"):
+        LayerCache(tmp_path).build(
+            "sha256:" + "2" * 64,
+            io.BytesIO(b""),
+            "application/vnd.oci.image.config.v1+json",
+        )
+
+
+def test_malformed_diff_id_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not a valid sha256"):
+        LayerCache(tmp_path).lookup("sha256:../../etc")
+    with pytest.raises(UnsupportedError, match="sha512"):
+        LayerCache(tmp_path).lookup("sha512:" + "3" * 128)
