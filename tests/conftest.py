@@ -7,3 +7,48 @@ import pytest
 def anyio_backend() -> str:
     # The proxy runs on asyncio in production; test on what ships.
     return "asyncio"
+
+
+# --- test images (built by scripts/make-test-images, see tests/images.py) ----
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from tests.images import (  # noqa: E402
+    MAKE_TEST_IMAGES,
+    DebianImage,
+    ImageSet,
+    images_dir,
+    read_debian_image,
+)
+
+
+def _make_test_images(*args: str) -> None:
+    command = [sys.executable, str(MAKE_TEST_IMAGES), str(images_dir()), *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} failed with status {result.returncode}:\n"
+            f"{result.stdout}{result.stderr}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def test_images() -> ImageSet:
+    """The synthetic OCI layouts, built once into ``$IMAGE_PROXY_TEST_IMAGES``
+    (default ``<repo>/test-images``); index by name: ``test_images["basic"]``.
+    """
+    _make_test_images("--no-debian")
+    return ImageSet(images_dir())
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> DebianImage:
+    """The Debian bookworm minbase layout, its layer digest, diffID and the
+    rootfs tar it was packed from; skipped when mmdebstrap is missing."""
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap is not installed: cannot build the Debian image")
+    _make_test_images("--only", "debian")
+    return read_debian_image(images_dir())
