@@ -328,11 +328,14 @@ async def test_fds_sent_with_a_request_reach_the_handler(tmp_path: Path) -> None
 
 async def test_syntax_error_ends_the_connection_with_fd_error() -> None:
     read_end, write_end = os.pipe()
+    before = open_fd_count()
     async with serving(make_server(Methods())) as client:
         await client.send(b'{"jsonrpc":"2.0","method":"Echo","fds":1,}', [read_end])
         response, _ = await client.response()
         with pytest.raises(EOFError):
             await client.response()
+    # The fd queued with the broken message was closed with the connection.
+    assert open_fd_count() == before
     close_fds([read_end, write_end])
     assert response["error"]["code"] == -32050
     assert response["error"]["data"]["kind"] == "framing"
