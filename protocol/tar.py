@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import enum
 import posixpath
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -58,6 +59,7 @@ OPAQUE_WHITEOUT = ".wh..wh..opq"
 _WHITEOUT_META_PREFIX = ".wh..wh."
 
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_PAX_DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?|[+-]?\.[0-9]+")
 _POSIX_MAGIC = b"ustar\x00"
 
 
@@ -124,6 +126,8 @@ class TarEntry:
     uname: str
     gname: str
     mtime: float
+    #: The same instant in integer nanoseconds, exact even for pax fractions.
+    mtime_ns: int
     linkname: str
     devmajor: int
     devminor: int
@@ -221,6 +225,27 @@ class TarSplitter:
     def offset(self) -> int:
         """Bytes of archive consumed so far."""
         return self._offset
+
+    @property
+    def content_left(self) -> int:
+        """Content bytes of the current entry not yet consumed (0 between entries)."""
+        return self._left if self._state is _State.CONTENT else 0
+
+    def skip_content(self, n: int) -> None:
+        """Account for ``n`` content bytes the caller received out of band.
+
+        A splitfdstream carries a large file's content as an external file
+        rather than inline bytes; the splitter still needs to know it went by.
+        """
+        if n > self.content_left or n < 0:
+            raise TarFormatError(
+                f"{n} bytes of out-of-band content at offset {self._offset} do not"
+                f" fit the current entry, which has {self.content_left} left"
+            )
+        self._left -= n
+        self._offset += n
+        if self._left == 0:
+            self._end_content()
 
     def feed(self, data: bytes) -> list[TarEvent]:
         """Consume the next piece of the archive and return the events it ends."""
@@ -399,6 +424,7 @@ class TarSplitter:
             uname=_text(pax.get("uname") or _cstring(block[265:297])),
             gname=_text(pax.get("gname") or _cstring(block[297:329])),
             mtime=_mtime(pax, block, offset),
+            mtime_ns=_mtime_ns(pax, block, offset),
             linkname=_text(pax.get("linkpath") or link_bytes),
             devmajor=_number(block[329:337], "devmajor", offset),
             devminor=_number(block[337:345], "devminor", offset),
@@ -502,6 +528,22 @@ def _mtime(pax: dict[str, bytes], block: bytes, offset: int) -> float:
                 f"pax header before offset {offset} has a malformed mtime {value!r}"
             ) from None
     return float(_number(block[136:148], "mtime", offset))
+
+
+def _mtime_ns(pax: dict[str, bytes], block: bytes, offset: int) -> int:
+    value = pax.get("mtime")
+    if not value:
+        return _number(block[136:148], "mtime", offset) * 1_000_000_000
+    # Split the decimal by hand so no float rounding creeps in.
+    text = value.decode("ascii", "replace").strip()
+    if _PAX_DECIMAL.fullmatch(text) is None:
+        raise TarFormatError(
+            f"pax header before offset {offset} has a malformed mtime {value!r}"
+        )
+    negative = text.startswith("-")
+    whole, _, fraction = text.lstrip("+-").partition(".")
+    ns = int(whole or "0") * 1_000_000_000 + int((fraction[:9] or "0").ljust(9, "0"))
+    return -ns if negative else ns
 
 
 def _xattrs(pax: dict[str, bytes], offset: int) -> dict[str, bytes]:

@@ -411,3 +411,34 @@ def test_whiteout_names() -> None:
     assert is_opaque_whiteout("var/cache/.wh..wh..opq")
     assert is_opaque_whiteout(".wh..wh..opq")
     assert not is_opaque_whiteout("var/cache/.wh.opq")
+
+
+@needs_gnu_tar
+def test_pax_mtime_in_nanoseconds_matches_what_gnu_tar_extracts(
+    gnu_archives: dict[str, bytes], tmp_path: Path
+) -> None:
+    subprocess.run(
+        ["tar", "-xf", "-", "-C", tmp_path], input=gnu_archives["posix"], check=True
+    )
+    for entry in entries_of(split(gnu_archives["posix"])):
+        if entry.type is EntryType.REGULAR:
+            assert entry.mtime_ns == (tmp_path / entry.name).stat().st_mtime_ns
+
+
+def test_skip_content_stands_for_bytes_received_out_of_band() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("outside")
+        info.size = 1000
+        archive.addfile(info, io.BytesIO(bytes(1000)))
+    data = buf.getvalue()
+    splitter = TarSplitter()
+    events = splitter.feed(data[:512])
+    assert splitter.content_left == 1000
+    splitter.skip_content(1000)
+    events += splitter.feed(data[1512:])
+    splitter.finish()
+    assert [type(e) for e in events[:2]] == [Header, Padding]
+    assert all(isinstance(e, Trailer) for e in events[2:])
+    with pytest.raises(TarFormatError, match="do not fit"):
+        splitter.skip_content(1)
