@@ -410,7 +410,10 @@ def _publish(outdir: Path, name: str, version: str, build: Builder) -> None:
 def _remove_leftovers(outdir: Path) -> None:
     # Only an interrupted run leaves these; the lock says no run is active.
     for leftover in outdir.glob(".tmp-*"):
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
 
 
 def describe_layout(path: Path) -> str:
