@@ -571,3 +571,27 @@ def test_without_reflinks_files_are_copied_and_counted(
     stats = applier.stats
     assert stats.bytes_reflinked + stats.bytes_copied == 100_000 + 5000 + 10_000
     assert (tmp_path / "ours" / "readonly").read_bytes() == b"r" * 10_000
+
+
+def test_external_file_not_matching_one_entry_is_read_as_tar_bytes(
+    tmp_path: Path, tree: Path
+) -> None:
+    data = gnu_tar(tree)
+    gnu_extract(data, tmp_path / "expected")
+    whole = tmp_path / "whole.tar"
+    whole.write_bytes(data)
+    # A splitfdstream whose only chunk is external file 0: the entire tar.
+    stream = io.BytesIO((0).to_bytes(8, "little"))
+    (tmp_path / "ours").mkdir()
+    fd = os.open(whole, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        LayerApplier(tmp_path / "ours").apply(stream, lambda index: fd)
+    finally:
+        os.close(fd)
+    assert snapshot(tmp_path / "ours") == snapshot(tmp_path / "expected")
+
+
+def test_truncated_splitfdstream_is_a_source_error(tmp_path: Path) -> None:
+    stream = io.BytesIO((-100).to_bytes(8, "little", signed=True) + b"short")
+    with pytest.raises(SourceError, match="truncated"):
+        LayerApplier(tmp_path).apply(stream, lambda index: -1)
