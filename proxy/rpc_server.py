@@ -71,6 +71,9 @@ class Reply:
 
     result: Any = None
     fds: list[int] = field(default_factory=list)
+    #: Called once ``fds`` are closed (sent or not): lets a handler bound how
+    #: many fds are open across replies still waiting to be sent.
+    on_closed: Callable[[], None] | None = None
 
 
 Handler = Callable[[ParamsT, list[int]], Awaitable[Reply]]
@@ -125,7 +128,7 @@ class RpcServer:
 
     async def _respond(
         self, message: Message, fds: list[int]
-    ) -> tuple[Response | None, list[int]]:
+    ) -> tuple[Response | None, Reply]:
         """The response to one message (None for notifications) and its fds.
 
         Takes ownership of ``fds``; the caller owns the returned fds.
@@ -135,41 +138,41 @@ class RpcServer:
         close_fds(fds)
         if isinstance(message, Response):
             logger.warning("ignoring a response from the client (id %r)", message.id)
-            return None, []
-        return _invalid_request(message), []
+            return None, Reply()
+        return _invalid_request(message), Reply()
 
     async def _call(
         self, request: Request, fds: list[int]
-    ) -> tuple[Response | None, list[int]]:
+    ) -> tuple[Response | None, Reply]:
         started = time.monotonic()
         outcome = await self._run_handler(request, fds)
         duration = time.monotonic() - started
         logger.debug("%s id=%r took %.3fs", request.method, request.id, duration)
         if request.is_notification:
-            close_fds(outcome[1])
-            return None, []
+            _close_reply(outcome[1])
+            return None, Reply()
         return outcome
 
     async def _run_handler(
         self, request: Request, fds: list[int]
-    ) -> tuple[Response, list[int]]:
+    ) -> tuple[Response, Reply]:
         request_id = None if isinstance(request.id, msgspec.UnsetType) else request.id
         method = self._methods.get(request.method)
         if method is None:
             close_fds(fds)
-            return _method_not_found(request_id, request.method), []
+            return _method_not_found(request_id, request.method), Reply()
         try:
             params = method.params_decoder.decode(_params_document(request))
         except msgspec.ValidationError as exc:
             close_fds(fds)
-            return _invalid_params(request_id, request.method, exc), []
+            return _invalid_params(request_id, request.method, exc), Reply()
         try:
             reply = await method.handler(params, fds)
         except RpcError as exc:
-            return error_response(request_id, exc.to_error_object()), []
+            return error_response(request_id, exc.to_error_object()), Reply()
         except Exception:
             logger.exception("method %s failed", request.method)
-            return _internal_error(request_id, request.method), []
+            return _internal_error(request_id, request.method), Reply()
         return _encode_reply(request_id, request.method, reply)
 
 
@@ -225,13 +228,13 @@ class _Connection:
         """Run one message to completion and send its response, if any."""
         self._unclaimed.difference_update(fds)
         try:
-            response, reply_fds = await self._server._respond(message, fds)
+            response, reply = await self._server._respond(message, fds)
             try:
                 if response is not None:
                     payload = encode_message(response)
-                    await self._sock.send_message(payload, reply_fds)
+                    await self._sock.send_message(payload, reply.fds)
             finally:
-                close_fds(reply_fds)
+                _close_reply(reply)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             # A half-sent or refused response leaves the stream unusable.
             logger.debug("could not send a response, closing: %s", exc)
@@ -260,14 +263,25 @@ def _params_document(request: Request) -> bytes | msgspec.Raw:
 
 def _encode_reply(
     request_id: RequestId, method: str, reply: Reply
-) -> tuple[Response, list[int]]:
+) -> tuple[Response, Reply]:
     try:
         response = success_response(request_id, reply.result, fds=len(reply.fds))
     except (msgspec.EncodeError, TypeError):
         logger.exception("method %s returned a result that cannot be encoded", method)
+        _close_reply(reply)
+        return _internal_error(request_id, method), Reply()
+    return response, reply
+
+
+def _close_reply(reply: Reply) -> None:
+    """Close a reply's fds, then tell its handler they are gone."""
+    try:
         close_fds(reply.fds)
-        return _internal_error(request_id, method), []
-    return response, reply.fds
+    finally:
+        reply.fds = []
+        if reply.on_closed is not None:
+            callback, reply.on_closed = reply.on_closed, None
+            callback()
 
 
 def _invalid_request(message: InvalidMessage) -> Response:

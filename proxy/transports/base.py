@@ -83,6 +83,13 @@ class ImageSource(abc.ABC):
     def open_blob(self, digest: Digest) -> Blob:
         """Open a blob for reading; blocking, called from worker threads."""
 
+    def policy_scopes(self) -> list[str]:
+        """Policy scopes for this image, most specific first.
+
+        Sources without a meaningful identity use only the transport default.
+        """
+        return []
+
     def layer_infos_for_copy(self) -> list[LayerInfo] | None:
         """Layers as a copy would use them, when they differ from the manifest.
 

@@ -20,6 +20,7 @@ import anyio
 
 from protocol.errors import ClientError, NotFoundError, SourceError
 from protocol.image import Digest, Index, guess_media_type, parse_index
+from proxy.policy import path_scopes
 from proxy.transports.base import Blob, ImageSource, SystemContext, Transport, register
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -40,6 +41,25 @@ def _os_error_text(exc: OSError, path: str) -> str:
     """Word an OSError as Go's os package does: ``open PATH: reason``."""
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return f"open {path}: {reason[0].lower()}{reason[1:]}"
+
+
+def _check_parent_exists(path: str) -> None:
+    """Fail as containers/image does when a directory above ``path`` is missing.
+
+    It resolves the layout path to an absolute one first, which fails on the
+    first missing component of the parent directory; a missing last
+    component is only noticed when index.json is read.
+    """
+    if os.path.lexists(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = "/"
+    for part in parent.split("/"):
+        if not part:
+            continue
+        probe = os.path.join(probe, part)
+        if not os.path.lexists(probe):
+            raise SourceError(f"lstat {probe}: no such file or directory")
 
 
 class OCILayoutSource(ImageSource):
@@ -83,6 +103,12 @@ class OCILayoutSource(ImageSource):
             chosen = matches[0]
         return Digest(chosen.digest), chosen.media_type
 
+    def policy_scopes(self) -> list[str]:
+        scopes = path_scopes(self._root)
+        if self._ref:
+            return [f"{scopes[0]}:{self._ref}", *scopes]
+        return scopes
+
     async def get_manifest(self, instance: Digest | None = None) -> tuple[bytes, str]:
         digest, media_type = self._top if instance is None else (instance, "")
         raw = await anyio.to_thread.run_sync(self._read_small_blob, digest)
@@ -103,8 +129,8 @@ class OCILayoutSource(ImageSource):
         path = os.path.join(self._root, "blobs", digest.algorithm, digest.hex)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {digest} not found in {self.name}") from None
+        except FileNotFoundError as exc:
+            raise NotFoundError(_os_error_text(exc, path)) from None
         except OSError as exc:
             raise SourceError(_os_error_text(exc, path)) from None
         try:
@@ -131,6 +157,7 @@ class OCILayoutTransport(Transport):
         root, ref = split_path_and_ref(reference)
         if not root:
             raise ClientError(f'Invalid image name "oci:{reference}": empty path')
+        _check_parent_exists(root)
         index_path = os.path.join(root, "index.json")
         try:
             raw = await anyio.Path(index_path).read_bytes()

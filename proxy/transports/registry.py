@@ -1,0 +1,7 @@
+"""Importing a transport module registers it; this loads all of them."""
+
+from __future__ import annotations
+
+
+def load_all() -> None:
+    from proxy.transports import oci_layout  # noqa: F401
