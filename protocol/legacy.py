@@ -118,6 +118,11 @@ def encode_success(value: Any, pipeid: int = 0) -> bytes:
     return packet
 
 
+def is_success(reply: bytes) -> bool:
+    """Whether an encoded reply is a success (replies start with that field)."""
+    return reply.startswith(b'{"success":true')
+
+
 def encode_error(error: BaseException) -> bytes:
     message = str(error) or type(error).__name__
     # Keep the reply within one packet even for an enormous message.

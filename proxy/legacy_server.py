@@ -14,7 +14,6 @@ transfers may be unfinished at once; each holds one fd and one buffer.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
@@ -52,6 +51,7 @@ from proxy.pipes import (
     write_all,
 )
 from proxy.policy import Policy
+from proxy.seqpacket import PacketTooLarge, close_all, receive_packet, send_packet
 from proxy.transports.base import Blob, SystemContext, split_image_name
 
 log = logging.getLogger("image-proxy")
@@ -360,42 +360,6 @@ async def _run_in_thread(work: Callable[[], None]) -> None:
     await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
 
 
-async def _receive(sock: socket.socket) -> bytes | None:
-    """One packet, or None at EOF; fds the client sends are closed."""
-    fd_space = socket.CMSG_SPACE(16 * array.array("i").itemsize)
-    while True:
-        await anyio.wait_readable(sock)
-        try:
-            data, ancillary, flags, _ = sock.recvmsg(
-                legacy.MAX_PACKET_SIZE + 1, fd_space, socket.MSG_CMSG_CLOEXEC
-            )
-        except BlockingIOError:
-            continue
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                for fd in fds:
-                    os.close(fd)
-        if not data and not ancillary:
-            return None
-        if flags & socket.MSG_TRUNC or len(data) > legacy.MAX_PACKET_SIZE:
-            return b"\x00too-large"
-        return data
-
-
-async def _send(sock: socket.socket, packet: bytes, fds: list[int]) -> None:
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-    while True:
-        try:
-            sock.sendmsg([packet], ancillary)
-            return
-        except BlockingIOError:
-            await anyio.wait_writable(sock)
-
-
 async def serve_legacy(sockfd: int, options: SessionOptions) -> None:
     """Serve one client on ``sockfd`` until it closes or sends Shutdown."""
     sock = socket.socket(fileno=sockfd)
@@ -414,42 +378,61 @@ async def serve_legacy(sockfd: int, options: SessionOptions) -> None:
 
 async def _serve_requests(sock: socket.socket, session: LegacySession) -> None:
     while True:
-        packet = await _receive(sock)
-        if packet is None:
-            return
-        started = time.monotonic()
-        outcome = Outcome()
-        method = "?"
         try:
-            if packet == b"\x00too-large":
-                raise ClientError(
-                    f"invalid request: larger than {legacy.MAX_PACKET_SIZE} bytes"
-                )
-            request = legacy.parse_request(packet)
-            method = request.method
-            if method == "Shutdown":
-                log.debug("Shutdown")
-                return
-            outcome = await session.handle(request)
-            reply = legacy.encode_success(outcome.value, outcome.pipeid)
-        except (ImageProxyError, BrokenPipeError) as exc:
-            reply = legacy.encode_error(exc)
-        except Exception as exc:
-            log.exception("internal error in %s", method)
-            reply = legacy.encode_error(
-                ImageProxyError(f"internal error in {method}: {exc}")
+            received = await receive_packet(sock, legacy.MAX_PACKET_SIZE)
+        except PacketTooLarge as exc:
+            await send_packet(
+                sock, legacy.encode_error(ClientError(f"invalid request: {exc}")), []
             )
-        try:
-            if b'"success":false' in reply[:20]:
-                # An error reply that replaced a success must not leak fds.
-                _close_all(outcome.fds)
-                outcome.fds = []
-            await _send(sock, reply, outcome.fds)
-        finally:
-            _close_all(outcome.fds)
-        log.debug("%s %.1f ms", method, (time.monotonic() - started) * 1000)
+            continue
+        if received is None:
+            return
+        packet, fds = received
+        # No method takes fds from the client.
+        close_all(fds)
+        if not await _answer(sock, session, packet):
+            return
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+async def _answer(sock: socket.socket, session: LegacySession, packet: bytes) -> bool:
+    """Handle one request packet; False once the client asked to shut down."""
+    started = time.monotonic()
+    outcome = Outcome()
+    method = "?"
+    try:
+        request = legacy.parse_request(packet)
+        method = request.method
+        if method == "Shutdown":
+            log.debug("Shutdown")
+            return False
+        outcome = await session.handle(request)
+        reply = legacy.encode_success(outcome.value, outcome.pipeid)
+    except (ImageProxyError, BrokenPipeError) as exc:
+        reply = legacy.encode_error(exc)
+    except Exception as exc:
+        log.exception("internal error in %s", method)
+        reply = legacy.encode_error(
+            ImageProxyError(f"internal error in {method}: {exc}")
+        )
+    try:
+        if not legacy.is_success(reply):
+            # An error reply (perhaps one that replaced a too-large success)
+            # carries no fds.
+            close_all(outcome.fds)
+            outcome.fds = []
+        await send_packet(sock, reply, outcome.fds)
+    finally:
+        close_all(outcome.fds)
+    log.debug(
+        "%s %s -> %s in %.2f ms",
+        method,
+        _summary(packet),
+        "ok" if legacy.is_success(reply) else "error",
+        (time.monotonic() - started) * 1000,
+    )
+    return True
+
+
+def _summary(packet: bytes) -> str:
+    text = packet.decode("utf-8", "replace")
+    return text if len(text) <= 200 else text[:200] + "..."
