@@ -239,7 +239,9 @@ class ApiSession:
             raw, media_type = await image.source.get_manifest(None)
             return Reply(
                 api.GetManifestResult(
-                    manifest=_text(raw), media_type=media_type, digest=Digest.of(raw)
+                    manifest=_text(raw),
+                    media_type=media_type,
+                    digest=str(Digest.of(raw)),
                 )
             )
         resolved = await image.resolve()
@@ -253,7 +255,7 @@ class ApiSession:
             api.GetManifestResult(
                 manifest=_text(resolved.manifest_raw),
                 media_type=resolved.media_type,
-                digest=resolved.digest,
+                digest=str(resolved.digest),
                 oci_manifest=converted,
             )
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +20,8 @@ import anyio
 import typer
 
 from protocol.errors import ImageProxyError
+from protocol.jsonrpc import RpcError
+from proxy.client import LegacyError
 from proxy.transports.base import SystemContext
 
 app = typer.Typer(
@@ -196,6 +201,106 @@ def experimental_image_proxy(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+@app.command()
+def pull(
+    image: Annotated[str, typer.Argument(help="transport:reference, e.g. oci:DIR:TAG")],
+    dest: Annotated[Path, typer.Argument(help="New or empty directory to fill.")],
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="Layer cache (default: XDG cache dir)."),
+    ] = None,
+    insecure_policy: InsecurePolicyOpt = False,
+    policy: PolicyOpt = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar.")
+    ] = False,
+) -> None:
+    """Pull IMAGE into DEST through the proxy, reflinking file contents."""
+    from proxy.pull import pull as run_pull
+
+    proxy_args = ["--insecure-policy"] if insecure_policy else []
+    if policy:
+        proxy_args += ["--policy", policy]
+    _setup_logging(False)
+    with _progress(quiet) as on_progress:
+        try:
+            report = anyio.run(
+                partial(
+                    run_pull,
+                    image,
+                    dest,
+                    cache_dir=cache_dir,
+                    proxy_args=proxy_args,
+                    on_progress=on_progress,
+                )
+            )
+        except (ImageProxyError, LegacyError, RpcError) as exc:
+            typer.echo(f"image-proxy: pull {image}: {_message(exc)}", err=True)
+            raise typer.Exit(1) from None
+    stats = report.stats
+    typer.echo(
+        f"pulled {image} into {dest}: {report.layers} layers, {stats.files} files, "
+        f"{stats.bytes_reflinked} bytes reflinked, {stats.bytes_copied} bytes copied, "
+        f"{stats.bytes_inline} bytes inline, {report.seconds:.2f} s"
+    )
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[int, int, Any], None] | None]:
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} layers {task.fields[detail]}"),
+        transient=True,
+    )
+    task = bar.add_task("pulling", total=None, detail="")
+
+    def update(done: int, total: int, stats: Any) -> None:
+        written = stats.bytes_reflinked + stats.bytes_copied + stats.bytes_inline
+        detail = f"{stats.files} files, {written / 1e6:.1f} MB"
+        bar.update(task, completed=done, total=total, detail=detail)
+
+    with bar:
+        yield update
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, LegacyError):
+        return exc.message
+    if isinstance(exc, RpcError):
+        return exc.message
+    return str(exc)
+
+
+@app.command()
+def inspect(
+    image: Annotated[str, typer.Argument(help="transport:reference")],
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Print the stored manifest.")
+    ] = False,
+    insecure_policy: InsecurePolicyOpt = False,
+    policy: PolicyOpt = None,
+) -> None:
+    """Show an image's digest, platform, layers and config."""
+    from proxy.inspect import inspect_image
+
+    proxy_args = ["--insecure-policy"] if insecure_policy else []
+    if policy:
+        proxy_args += ["--policy", policy]
+    _setup_logging(False)
+    try:
+        text = anyio.run(partial(inspect_image, image, raw=raw, proxy_args=proxy_args))
+    except (ImageProxyError, LegacyError, RpcError) as exc:
+        typer.echo(f"image-proxy: inspect {image}: {_message(exc)}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(text)
 
 
 def main() -> None:

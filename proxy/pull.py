@@ -1,0 +1,151 @@
+"""``image-proxy pull``: build a root filesystem from layer splitfdstreams.
+
+The command is a consumer like bootc: it spawns the proxy, opens the
+jsonrpc-fdpass channel and applies each layer's splitfdstream in order. File
+contents arrive as fds on files in the proxy's layer cache, so when DEST is
+on the same reflink-capable filesystem they are cloned, not copied.
+
+Fd bound: the client holds at most one window of content fds (``window``,
+256 by default) plus the stream; it asks for the next window only after
+closing the previous one, so any layer works under ``ulimit -n 1024``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+
+from protocol import api
+from protocol.errors import ClientError
+from proxy.apply import ApplyStats, LayerApplier
+from proxy.client import ProxyProcess, RpcClient
+from proxy.fdsocket import close_fds
+
+
+@dataclass
+class PullReport:
+    image: str
+    layers: int = 0
+    tar_bytes: int = 0
+    seconds: float = 0.0
+    stats: ApplyStats = field(default_factory=ApplyStats)
+    peak_fds: int = 0
+
+
+class _FileWindow:
+    """The window of content fds the applier reads from, moved on demand."""
+
+    def __init__(
+        self, rpc: RpcClient, stream_id: int, first: list[int], size: int
+    ) -> None:
+        self._rpc = rpc
+        self._stream_id = stream_id
+        self._start = 0
+        self._fds = first
+        self._size = max(1, size)
+        self.peak = len(first)
+
+    def fd_for(self, index: int) -> int:
+        """Called from the applier's thread; files come in increasing order."""
+        if not self._start <= index < self._start + len(self._fds):
+            close_fds(self._fds)
+            self._fds = []
+            self._fds = anyio.from_thread.run(
+                self._rpc.get_splitfdstream_files, self._stream_id, index, self._size
+            )
+            self._start = index
+            self.peak = max(self.peak, len(self._fds))
+            if not self._fds:
+                raise ClientError(f"the proxy sent no file for index {index}")
+        return self._fds[index - self._start]
+
+    def close(self) -> None:
+        close_fds(self._fds)
+        self._fds = []
+
+
+async def pull(
+    image: str,
+    dest: Path,
+    *,
+    cache_dir: Path | None = None,
+    proxy_args: list[str] | None = None,
+    window: int = api.DEFAULT_FD_WINDOW,
+    on_progress: Callable[[int, int, ApplyStats], None] | None = None,
+) -> PullReport:
+    """Pull ``image`` into ``dest``, which must be absent or empty."""
+    if dest.exists() and any(dest.iterdir()):
+        raise ClientError(f"{dest} is not empty: pull only writes into a new directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    args = list(proxy_args or [])
+    if cache_dir is not None:
+        args += ["--cache-dir", str(cache_dir)]
+    report = PullReport(image=image)
+    started = time.monotonic()
+    async with ProxyProcess.spawn(args) as proxy:
+        await proxy.legacy.initialize()
+        rpc = await proxy.legacy.open_rpc()
+        try:
+            await rpc.initialize()
+            image_id = await rpc.open_image(image)
+            assert image_id is not None
+            layers = await rpc.get_layer_info(image_id)
+            applier = LayerApplier(dest)
+            for number, layer in enumerate(layers, 1):
+                async with anyio.create_task_group() as tg:
+                    if on_progress is not None:
+                        tg.start_soon(
+                            _tick, on_progress, number - 1, len(layers), applier
+                        )
+                    await _apply_layer(rpc, image_id, layer, applier, window, report)
+                    tg.cancel_scope.cancel()
+                if on_progress is not None:
+                    on_progress(number, len(layers), applier.stats)
+            report.layers = len(layers)
+            report.stats = applier.stats
+        finally:
+            await rpc.aclose()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _tick(
+    on_progress: Callable[[int, int, ApplyStats], None],
+    done: int,
+    total: int,
+    applier: LayerApplier,
+) -> None:
+    # The applier's counters are plain ints written by one thread; reading
+    # them from here can only be slightly stale, which a progress bar allows.
+    while True:
+        on_progress(done, total, applier.stats)
+        await anyio.sleep(0.2)
+
+
+async def _apply_layer(
+    rpc: RpcClient,
+    image_id: int,
+    layer: api.LayerDescription,
+    applier: LayerApplier,
+    window: int,
+    report: PullReport,
+) -> None:
+    result, stream_fd, first = await rpc.get_splitfdstream(
+        image_id, layer.digest, window
+    )
+    files = _FileWindow(rpc, result.stream_id, first, window)
+    try:
+        with os.fdopen(stream_fd, "rb") as stream:
+            await anyio.to_thread.run_sync(applier.apply, stream, files.fd_for)
+    finally:
+        files.close()
+        await rpc.close_splitfdstream(result.stream_id)
+    report.tar_bytes += result.tar_size
+    # The stream fd plus the window: what this client held at most.
+    report.peak_fds = max(report.peak_fds, files.peak + 1)
