@@ -1,6 +1,18 @@
 """Shared fixtures: the anyio backend and the test images."""
 
+import shutil
+import subprocess
+import sys
+
 import pytest
+
+from tests.images import (
+    MAKE_TEST_IMAGES,
+    DebianImage,
+    ImageSet,
+    images_dir,
+    read_debian_image,
+)
 
 
 @pytest.fixture
@@ -10,18 +22,6 @@ def anyio_backend() -> str:
 
 
 # --- test images (built by scripts/make-test-images, see tests/images.py) ----
-
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from tests.images import (  # noqa: E402
-    MAKE_TEST_IMAGES,
-    DebianImage,
-    ImageSet,
-    images_dir,
-    read_debian_image,
-)
 
 
 def _make_test_images(*args: str) -> None:
