@@ -5,9 +5,10 @@ the entries of ``index.json``; ``@N`` picks entry N and a digest picks the
 entry with that digest. Without REF the index must hold exactly one entry.
 
 Blobs are opened beneath the layout: ``DIR/blobs/ALG/HEX`` must resolve to a
-regular file inside DIR. We check the path the kernel actually opened (via
-``/proc/self/fd``), not a path we computed beforehand, so a symlink swapped in
-between the check and the open cannot redirect us outside the layout.
+regular file inside ``DIR/blobs`` (or inside ``--shared-blob-dir``). We check
+the path the kernel actually opened (via ``/proc/self/fd``), not a path we
+computed beforehand, so a symlink swapped in between the check and the open
+cannot redirect us outside the layout.
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def _check_parent_exists(path: str) -> None:
 
 
 class OCILayoutSource(ImageSource):
-    def __init__(self, name: str, root: str, ref: str, index: Index) -> None:
+    def __init__(
+        self, name: str, root: str, ref: str, index: Index, shared_blob_dir: str | None
+    ) -> None:
         self.name = name
         self._root = root
-        self._real_root = os.path.realpath(root)
+        # --shared-blob-dir moves blobs out of the layout: ALG/HEX beneath it.
+        self._blobs = shared_blob_dir or os.path.join(root, "blobs")
+        self._real_blobs = os.path.realpath(self._blobs)
         self._ref = ref
         self._index = index
         self._top = self._find_top_descriptor()
@@ -126,7 +131,7 @@ class OCILayoutSource(ImageSource):
             blob.close()
 
     def open_blob(self, digest: Digest) -> Blob:
-        path = os.path.join(self._root, "blobs", digest.algorithm, digest.hex)
+        path = os.path.join(self._blobs, digest.algorithm, digest.hex)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         except FileNotFoundError as exc:
@@ -135,10 +140,10 @@ class OCILayoutSource(ImageSource):
             raise SourceError(_os_error_text(exc, path)) from None
         try:
             opened = os.readlink(f"/proc/self/fd/{fd}")
-            if not opened.startswith(self._real_root + os.sep):
+            if not opened.startswith(self._real_blobs + os.sep):
                 raise SourceError(
                     f"blob {digest} in {self.name} resolves to {opened}, "
-                    "outside the layout: refused"
+                    "outside the layout's blobs: refused"
                 )
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -166,7 +171,9 @@ class OCILayoutTransport(Transport):
             # OpenImageOptional reports it as an error, verbatim.
             raise SourceError(_os_error_text(exc, index_path)) from None
         index = parse_index(raw)
-        return OCILayoutSource(f"oci:{reference}", root, ref, index)
+        return OCILayoutSource(
+            f"oci:{reference}", root, ref, index, context.shared_blob_dir
+        )
 
 
 register("oci", OCILayoutTransport)
