@@ -45,8 +45,11 @@ class Reply(msgspec.Struct):
     success: bool
     value: Any
     pipeid: int
-    error_code: str
-    error: str
+    # Servers before protocol 0.2.8 (skopeo 1.9 speaks 0.2.3) send no
+    # ``error_code``, and a client must still decode their replies; ``error``
+    # has a default only because it follows a field with one.
+    error_code: str = ""
+    error: str = ""
 
 
 _request_decoder = msgspec.json.Decoder(Request)
