@@ -12,13 +12,14 @@ instead of running the process out of descriptors.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import anyio
 import msgspec
@@ -26,9 +27,11 @@ import msgspec
 from protocol import api
 from protocol.errors import (
     ClientError,
+    DigestMismatchError,
     ImageProxyError,
     NotFoundError,
     NotInitializedError,
+    SourceError,
 )
 from protocol.image import Digest
 from protocol.jsonrpc import ErrorKind, RpcError
@@ -116,10 +119,75 @@ class LayerBuilds:
         self, image: OpenedImage, layer_digest: Digest, diff_id: str, media_type: str
     ) -> CachedLayer:
         blob = image.source.open_blob(layer_digest)
+        checked = _DigestCheckedBlob(blob.reader, layer_digest, image.name)
         try:
-            return self.cache.build(diff_id, blob.reader, media_type)
+            try:
+                cached = self.cache.build(diff_id, cast(BinaryIO, checked), media_type)
+            except SourceError as exc:
+                # A blob that is not what the manifest names usually breaks
+                # the decompressor first (gzip's CRC); say what really
+                # happened rather than "corrupt gzip stream".
+                if not isinstance(exc, DigestMismatchError):
+                    checked.verify_rest()
+                raise
+            checked.verify_rest()
+            return cached
         finally:
             blob.close()
+
+
+class _DigestCheckedBlob(io.RawIOBase):
+    """A layer blob reader that hashes what passes through it.
+
+    At the blob's end it raises DigestMismatchError when the bytes are not the
+    blob the manifest names, so the cache refuses the build before publishing.
+    """
+
+    def __init__(self, reader: BinaryIO, digest: Digest, image_name: str) -> None:
+        super().__init__()
+        self._reader = reader
+        self._digest = digest
+        self._image_name = image_name
+        self._hasher = digest.hasher()
+        self._started = False
+        self._at_end = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._started = True
+        view = memoryview(buffer).cast("B")
+        data = self._reader.read(len(view))
+        if not data:
+            self._check_at_end()
+            return 0
+        view[: len(data)] = data
+        self._hasher.update(data)
+        return len(data)
+
+    def verify_rest(self) -> None:
+        """Hash what the decompressor left unread, then check the digest.
+
+        Does nothing when the build never read the blob (the layer was
+        already cached).
+        """
+        if not self._started or self._at_end:
+            return
+        while data := self._reader.read(1 << 20):
+            self._hasher.update(data)
+        self._check_at_end()
+
+    def _check_at_end(self) -> None:
+        self._at_end = True
+        actual = f"{self._digest.algorithm}:{self._hasher.hexdigest()}"
+        if actual != self._digest:
+            raise DigestMismatchError(
+                f"layer blob {self._digest} of {self._image_name} has digest"
+                f" {actual}: the source holds a corrupt or different blob",
+                expected=str(self._digest),
+                actual=actual,
+            )
 
 
 class ApiShared:
