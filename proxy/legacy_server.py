@@ -362,7 +362,10 @@ async def _run_in_thread(work: Callable[[], None]) -> None:
 
 async def serve_legacy(sockfd: int, options: SessionOptions) -> None:
     """Serve one client on ``sockfd`` until it closes or sends Shutdown."""
-    sock = socket.socket(fileno=sockfd)
+    try:
+        sock = socket.socket(fileno=sockfd)
+    except OSError as exc:
+        raise ClientError(f"fd {sockfd} is not a socket: {exc.strerror}") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         raise ClientError(f"fd {sockfd} is not an AF_UNIX SOCK_SEQPACKET socket")
     sock.setblocking(False)
