@@ -16,9 +16,13 @@ async def inspect_image(image: str, *, raw: bool, proxy_args: list[str]) -> str:
             await rpc.initialize()
             image_id = await rpc.open_image(image)
             assert image_id is not None
-            manifest = await rpc.get_manifest(image_id)
+            # As skopeo inspect does, name the manifest the reference points
+            # at (an index for a multi-platform image), and describe the
+            # instance chosen for this platform.
+            named = await rpc.get_manifest(image_id, resolve=False)
             if raw:
-                return manifest.manifest
+                return named.manifest
+            manifest = await rpc.get_manifest(image_id)
             config = await rpc.get_config(image_id)
             layers = await rpc.get_layer_info(image_id)
         finally:
@@ -36,8 +40,15 @@ async def inspect_image(image: str, *, raw: bool, proxy_args: list[str]) -> str:
     )
     lines = [
         f"Name:       {image}",
-        f"Digest:     {manifest.digest}",
-        f"MediaType:  {manifest.media_type}",
+        f"Digest:     {named.digest}",
+        f"MediaType:  {named.media_type}",
+    ]
+    if manifest.digest != named.digest:
+        lines += [
+            f"Instance:   {manifest.digest}",
+            f"  MediaType: {manifest.media_type}",
+        ]
+    lines += [
         f"Platform:   {platform}",
         f"Created:    {document.get('created', '')}",
         f"Config:     {config.digest}",
