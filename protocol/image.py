@@ -386,7 +386,10 @@ def _encode_str_subclass(value: Any) -> Any:
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
-_encoder = msgspec.json.Encoder(enc_hook=_encode_str_subclass)
+# Go sorts map keys and keeps struct fields in declaration order; msgspec's
+# "deterministic" order does the same for dicts and Structs, so every object
+# whose field order matters is a Struct here.
+_encoder = msgspec.json.Encoder(enc_hook=_encode_str_subclass, order="deterministic")
 
 
 def go_json(value: Any) -> bytes:
@@ -403,23 +406,63 @@ def go_json(value: Any) -> bytes:
     )
 
 
+class _FullConfigOut(
+    msgspec.Struct,
+    omit_defaults=True,
+    rename={"os_version": "os.version", "os_features": "os.features"},
+):
+    """image-spec's v1.Image in Go's field order (Platform is embedded)."""
+
+    architecture: str
+    os: str
+    config: _RuntimeConfig
+    rootfs: _RootFS
+    created: str | None = None
+    author: str = ""
+    os_version: str = ""
+    os_features: list[str] = msgspec.field(default_factory=list)
+    variant: str = ""
+    history: list[_History] = msgspec.field(default_factory=list)
+
+
+# Declaration order above is for the required-first rule of Python; this is
+# the order Go writes the fields in.
+_FULL_CONFIG_ORDER = (
+    "created",
+    "author",
+    "architecture",
+    "os",
+    "os.version",
+    "os.features",
+    "variant",
+    "config",
+    "rootfs",
+    "history",
+)
+
+
 def serialise_full_config(view: OCIConfigView) -> bytes:
     """The full OCI config as containers/image marshals ``v1.Image``."""
-    document: dict[str, Any] = msgspec.to_builtins(view.head)
-    document.setdefault("architecture", "")
-    document.setdefault("os", "")
-    ordered: dict[str, Any] = {}
-    for key in ("created", "author", "architecture", "os", "os.version"):
-        if key in document:
-            ordered[key] = document[key]
-    for key in ("os.features", "variant"):
-        if key in document:
-            ordered[key] = document[key]
-    ordered["config"] = view.config
-    ordered["rootfs"] = view.rootfs
-    if view.history:
-        ordered["history"] = view.history
-    return go_json(ordered)
+    head = view.head
+    document = _FullConfigOut(
+        architecture=head.architecture,
+        os=head.os,
+        config=view.config,
+        rootfs=view.rootfs,
+        created=head.created,
+        author=head.author,
+        os_version=head.os_version,
+        os_features=head.os_features,
+        variant=head.variant,
+        history=view.history,
+    )
+    fields = msgspec.json.decode(go_json(document), type=dict[str, msgspec.Raw])
+    parts = [
+        go_json(key) + b":" + bytes(fields[key])
+        for key in _FULL_CONFIG_ORDER
+        if key in fields
+    ]
+    return b"{" + b",".join(parts) + b"}"
 
 
 def serialise_runtime_config(view: OCIConfigView) -> bytes:
@@ -441,27 +484,36 @@ def docker_to_oci_manifest(manifest: Manifest, oci_config: bytes) -> bytes:
             raise UnsupportedError(
                 f'Unknown media type during manifest conversion: "{layer.media_type}"'
             )
-        converted: dict[str, Any] = {
-            "mediaType": oci_type,
-            "digest": layer.digest,
-            "size": layer.size,
-        }
-        if layer.urls:
-            converted["urls"] = layer.urls
-        layers.append(converted)
-    document: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": Digest.of(oci_config),
-            "size": len(oci_config),
-        },
-        "layers": layers,
-    }
-    if manifest.annotations:
-        document["annotations"] = manifest.annotations
-    return go_json(document)
+        layers.append(
+            Descriptor(
+                media_type=oci_type,
+                digest=layer.digest,
+                size=layer.size,
+                urls=layer.urls,
+            )
+        )
+    config = Descriptor(
+        media_type=OCI_CONFIG, digest=str(Digest.of(oci_config)), size=len(oci_config)
+    )
+    return go_json(
+        _ManifestOut(
+            schema_version=2,
+            media_type=OCI_MANIFEST,
+            config=config,
+            layers=layers,
+            annotations=manifest.annotations,
+        )
+    )
+
+
+class _ManifestOut(msgspec.Struct, rename="camel", omit_defaults=True):
+    """image-spec's v1.Manifest in Go's field order."""
+
+    schema_version: int
+    media_type: str
+    config: Descriptor
+    layers: list[Descriptor]
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def layer_compression(media_type: str) -> str:

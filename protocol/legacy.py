@@ -52,6 +52,14 @@ class Reply(msgspec.Struct):
     error: str = ""
 
 
+class LayerInfo(msgspec.Struct):
+    """One entry of GetLayerInfo's value, fields in the reference's order."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
 _request_decoder = msgspec.json.Decoder(Request)
 
 

@@ -35,6 +35,7 @@ from protocol.errors import (
 from protocol.image import (
     Digest,
     PlatformWanted,
+    go_json,
     serialise_full_config,
     serialise_runtime_config,
 )
@@ -215,17 +216,14 @@ class LegacySession:
     async def get_layer_info_piped(self, args: list[Any]) -> Outcome:
         legacy.expect_arg_count(args, 1, f"found {len(args)} args, expecting (imgid)")
         infos = await self._layer_infos(args[0])
-        from protocol.image import go_json
-
         return self._bytes_pipe(None, go_json(infos))
 
-    async def _layer_infos(self, image_arg: Any) -> list[dict[str, Any]]:
+    async def _layer_infos(self, image_arg: Any) -> list[legacy.LayerInfo]:
         image = self._image(image_arg)
         resolved = await image.resolve()
         infos = image.source.layer_infos_for_copy() or resolved.layer_infos()
         return [
-            {"digest": info.digest, "size": info.size, "media_type": info.media_type}
-            for info in infos
+            legacy.LayerInfo(info.digest, info.size, info.media_type) for info in infos
         ]
 
     async def get_blob(self, args: list[Any]) -> Outcome:
