@@ -41,6 +41,7 @@ from proxy.layercache import CachedLayer, LayerCache
 from proxy.legacy_server import SessionOptions, open_image
 from proxy.pipes import Progress, copy_raw, copy_verified, make_pipe, run_with_error_fd
 from proxy.rpc_server import Reply, RpcServer
+from proxy.transports.base import LayerStream
 
 log = logging.getLogger("image-proxy")
 
@@ -217,7 +218,7 @@ class ApiSession:
         self._version: str | None = None
         self._images: dict[int, OpenedImage] = {}
         self._last_image_id = 0
-        self._streams: dict[int, CachedLayer] = {}
+        self._streams: dict[int, LayerStream] = {}
         self._last_stream_id = 0
 
     def register(self, server: RpcServer) -> None:
@@ -384,24 +385,29 @@ class ApiSession:
         layer_digest, diff_id, media_type = _find_layer(
             resolved, params.digest, image.name
         )
-        cached = await self._shared.builds.get(image, layer_digest, diff_id, media_type)
+        stream = await anyio.to_thread.run_sync(
+            image.source.layer_stream, layer_digest, diff_id
+        )
+        if stream is None:
+            cached = await self._shared.builds.get(
+                image, layer_digest, diff_id, media_type
+            )
+            stream = CachedLayerStream(cached)
         self._last_stream_id += 1
         stream_id = self._last_stream_id
-        self._streams[stream_id] = cached
-        count = min(window, cached.file_count)
+        self._streams[stream_id] = stream
+        count = min(window, stream.file_count)
         release = await self._shared.budget.acquire(count + 1)
         try:
-            fds = await anyio.to_thread.run_sync(
-                _open_window, cached, [cached.stream_path], 0, count
-            )
+            fds = await anyio.to_thread.run_sync(_open_first_window, stream, count)
         except BaseException:
             release()
             raise
         result = api.GetSplitFDStreamResult(
             stream_id=stream_id,
-            diff_id=cached.diff_id,
-            tar_size=cached.size,
-            file_count=cached.file_count,
+            diff_id=stream.diff_id,
+            tar_size=stream.size,
+            file_count=stream.file_count,
             files_included=count,
         )
         return Reply(result, fds, on_closed=release)
@@ -409,18 +415,16 @@ class ApiSession:
     async def get_splitfdstream_files(
         self, params: api.GetSplitFDStreamFilesParams
     ) -> Reply:
-        cached = self._stream(params.stream_id)
+        stream = self._stream(params.stream_id)
         count = _check_window(params.count)
-        if params.start < 0 or params.start > cached.file_count:
+        if params.start < 0 or params.start > stream.file_count:
             raise ClientError(
-                f"start {params.start} is past the stream's {cached.file_count} files"
+                f"start {params.start} is past the stream's {stream.file_count} files"
             )
-        count = min(count, cached.file_count - params.start)
+        count = min(count, stream.file_count - params.start)
         release = await self._shared.budget.acquire(count)
         try:
-            fds = await anyio.to_thread.run_sync(
-                _open_window, cached, [], params.start, count
-            )
+            fds = await anyio.to_thread.run_sync(stream.open_files, params.start, count)
         except BaseException:
             release()
             raise
@@ -428,20 +432,23 @@ class ApiSession:
         return Reply(result, fds, on_closed=release)
 
     async def close_splitfdstream(self, params: api.StreamParams) -> Reply:
-        self._stream(params.stream_id)
+        stream = self._stream(params.stream_id)
         del self._streams[params.stream_id]
+        await anyio.to_thread.run_sync(stream.close)
         return Reply(api.Empty())
 
-    def _stream(self, stream_id: int) -> CachedLayer:
-        cached = self._streams.get(stream_id)
-        if cached is None:
+    def _stream(self, stream_id: int) -> LayerStream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
             raise ClientError(f"no open splitfdstream with id {stream_id}")
-        return cached
+        return stream
 
     async def close(self) -> None:
         for image in self._images.values():
             await image.close()
         self._images.clear()
+        for stream in self._streams.values():
+            stream.close()
         self._streams.clear()
 
 
@@ -472,20 +479,46 @@ def _find_layer(
     raise NotFoundError(f"{name} has no layer {digest}")
 
 
-def _open_window(
-    cached: CachedLayer, first: list[Path], start: int, count: int
-) -> list[int]:
-    fds: list[int] = []
+def _open_first_window(stream: LayerStream, count: int) -> list[int]:
+    """The stream fd followed by external files 0 .. count-1."""
+    stream_fd = stream.open_stream()
     try:
-        for path in [*first, *cached.files[start : start + count]]:
-            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
-    except OSError as exc:
-        for fd in fds:
-            os.close(fd)
-        raise ImageProxyError(
-            f"layer cache entry {cached.diff_id} is damaged: {exc}"
-        ) from None
-    return fds
+        return [stream_fd, *stream.open_files(0, count)]
+    except BaseException:
+        os.close(stream_fd)
+        raise
+
+
+class CachedLayerStream(LayerStream):
+    """A layer cache entry served as a splitfdstream."""
+
+    def __init__(self, cached: CachedLayer) -> None:
+        self._cached = cached
+        self.diff_id = cached.diff_id
+        self.size = cached.size
+        self.file_count = cached.file_count
+
+    def open_stream(self) -> int:
+        return self._open(self._cached.stream_path)
+
+    def open_files(self, start: int, count: int) -> list[int]:
+        fds: list[int] = []
+        try:
+            for path in self._cached.files[start : start + count]:
+                fds.append(self._open(path))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def _open(self, path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ImageProxyError(
+                f"layer cache entry {self.diff_id} is damaged: {exc}"
+            ) from None
 
 
 def _blob_error(error: BaseException) -> bytes:

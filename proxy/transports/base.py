@@ -65,6 +65,33 @@ class Blob:
         self.reader.close()
 
 
+class LayerStream(abc.ABC):
+    """A layer as a splitfdstream whose external files are opened on demand.
+
+    Holders keep one of these per open stream; only ``open_files`` opens
+    content fds, a window at a time, so a layer of any size costs a bounded
+    number of descriptors. ``close`` releases whatever the stream holds
+    (a store lock, say); it is called exactly once.
+    """
+
+    diff_id: str
+    #: Bytes of the uncompressed tar the stream rebuilds.
+    size: int
+    #: External files the stream refers to.
+    file_count: int
+
+    @abc.abstractmethod
+    def open_stream(self) -> int:
+        """A new read-only fd positioned at the start of the stream."""
+
+    @abc.abstractmethod
+    def open_files(self, start: int, count: int) -> list[int]:
+        """Read-only fds for external files ``start .. start+count-1``."""
+
+    def close(self) -> None:  # noqa: B027 - most streams hold nothing
+        """Release the stream's resources."""
+
+
 class ImageSource(abc.ABC):
     """One opened image reference in one transport."""
 
@@ -95,6 +122,16 @@ class ImageSource(abc.ABC):
 
         Only stores that keep layers uncompressed (containers-storage) say
         anything here; the default defers to the manifest.
+        """
+        return None
+
+    def layer_stream(self, digest: str, diff_id: str) -> LayerStream | None:
+        """The layer as a splitfdstream straight from the source, if it can.
+
+        Sources that keep layers unpacked (containers-storage) answer here
+        without copying content; the default None makes the caller unpack
+        the compressed blob into the layer cache. Blocking: worker threads
+        call it.
         """
         return None
 
