@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -98,15 +100,15 @@ async def pull(
             layers = await rpc.get_layer_info(image_id)
             applier = LayerApplier(dest)
             for number, layer in enumerate(layers, 1):
-                async with anyio.create_task_group() as tg:
-                    if on_progress is not None:
-                        tg.start_soon(
-                            _tick, on_progress, number - 1, len(layers), applier
-                        )
-                    await _apply_layer(rpc, image_id, layer, applier, window, report)
-                    tg.cancel_scope.cancel()
-                if on_progress is not None:
-                    on_progress(number, len(layers), applier.stats)
+                apply = _apply_layer(rpc, image_id, layer, applier, window, report)
+                if on_progress is None:
+                    await apply
+                    continue
+                await _with_ticks(
+                    apply,
+                    partial(_report, on_progress, number - 1, len(layers), applier),
+                )
+                on_progress(number, len(layers), applier.stats)
             report.layers = len(layers)
             report.stats = applier.stats
         finally:
@@ -115,16 +117,40 @@ async def pull(
     return report
 
 
-async def _tick(
+async def _with_ticks(
+    work: Coroutine[Any, Any, None], tick: Callable[[], None]
+) -> None:
+    """Run ``work`` while reporting progress; its errors come out unwrapped.
+
+    A task group would wrap them in an ExceptionGroup, which the command
+    line would show as a traceback instead of the entry or digest at fault.
+    """
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_tick, tick)
+        try:
+            await work
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+def _report(
     on_progress: Callable[[int, int, ApplyStats], None],
     done: int,
     total: int,
     applier: LayerApplier,
 ) -> None:
+    on_progress(done, total, applier.stats)
+
+
+async def _tick(tick: Callable[[], None]) -> None:
     # The applier's counters are plain ints written by one thread; reading
     # them from here can only be slightly stale, which a progress bar allows.
     while True:
-        on_progress(done, total, applier.stats)
+        tick()
         await anyio.sleep(0.2)
 
 
