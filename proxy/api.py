@@ -389,6 +389,7 @@ class ApiSession:
             image.source.layer_stream, layer_digest, diff_id
         )
         if stream is None:
+            media_type = image.source.blob_media_type(layer_digest, media_type)
             cached = await self._shared.builds.get(
                 image, layer_digest, diff_id, media_type
             )

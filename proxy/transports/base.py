@@ -117,6 +117,15 @@ class ImageSource(abc.ABC):
         """
         return []
 
+    def blob_media_type(self, digest: Digest, media_type: str) -> str:
+        """The media type of what ``open_blob(digest)`` serves.
+
+        The manifest's ``media_type`` unless the source serves the blob in
+        another form: docker-archive names its layers gzip but serves them
+        uncompressed, so the layer cache must not try to inflate them.
+        """
+        return media_type
+
     def layer_infos_for_copy(self) -> list[LayerInfo] | None:
         """Layers as a copy would use them, when they differ from the manifest.
 
