@@ -4,4 +4,9 @@ from __future__ import annotations
 
 
 def load_all() -> None:
-    from proxy.transports import oci_layout  # noqa: F401
+    from proxy.transports import (  # noqa: F401
+        dir,
+        docker_archive,
+        oci_archive,
+        oci_layout,
+    )
