@@ -11,3 +11,4 @@ def load_all() -> None:
         oci_archive,
         oci_layout,
     )
+    from proxy.transports import storage  # noqa: F401
