@@ -246,6 +246,8 @@ def _index_members(fd: int, path: str) -> dict[str, TarMember]:
     members: dict[str, TarMember] = {}
     raw = os.fdopen(os.dup(fd), "rb")
     try:
+        # A duplicate shares the offset, which decompressing left at the end.
+        raw.seek(0)
         with tarfile.open(fileobj=raw, mode="r:") as tar:
             while (info := tar.next()) is not None:
                 if len(members) >= MAX_MEMBERS:
