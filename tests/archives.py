@@ -57,9 +57,11 @@ class SavedImage:
     repo_tags: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_layout(cls, layout: Path, *repo_tags: str) -> SavedImage:
+    def from_layout(
+        cls, layout: Path, *repo_tags: str, ref: str = "latest"
+    ) -> SavedImage:
         reader = Layout(layout)
-        manifest = reader.manifest()
+        manifest = reader.manifest(ref)
         config = reader.blob(manifest["config"]["digest"])
         layers = [reader.blob(layer["digest"]) for layer in manifest["layers"]]
         return cls(config, layers, list(repo_tags))

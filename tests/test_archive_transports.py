@@ -77,7 +77,7 @@ def make_archives(layout: Path, ref: str, where: Path) -> Archives:
     skopeo_copy(source, f"dir:{files['dir-oci']}", "--format", "oci")
     write_docker_archive(
         files["docker-archive-gzip-layers"],
-        [SavedImage.from_layout(layout, "example.com/x:v1")],
+        [SavedImage.from_layout(layout, "example.com/x:v1", ref=ref)],
         layers_as="gzip-blobs",
     )
     references = {
