@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,6 +13,13 @@ from tests.images import (
     ImageSet,
     images_dir,
     read_debian_image,
+)
+from tests.storage import (
+    DRIVERS,
+    SYNTHETIC_IMAGES,
+    ContainerStore,
+    make_store,
+    unmount_driver_home,
 )
 
 
@@ -52,3 +60,34 @@ def debian_image() -> DebianImage:
         pytest.skip("mmdebstrap is not installed: cannot build the Debian image")
     _make_test_images("--only", "debian")
     return read_debian_image(images_dir())
+
+
+# --- containers-storage stores (written by skopeo, see tests/storage.py) -----
+
+
+@pytest.fixture(scope="session")
+def synthetic_stores(
+    test_images: ImageSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ContainerStore]]:
+    """An overlay and a vfs store holding the synthetic edge-case images."""
+    layouts = {name: (test_images.path(name), "latest") for name in SYNTHETIC_IMAGES}
+    stores = {
+        driver: make_store(driver, tmp_path_factory.mktemp(driver), layouts)
+        for driver in DRIVERS
+    }
+    yield stores
+    # skopeo reading a store in a test mounts the driver's home again.
+    for store in stores.values():
+        unmount_driver_home(store)
+
+
+@pytest.fixture(scope="session")
+def debian_stores(
+    debian_image: DebianImage, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, ContainerStore]:
+    """An overlay and a vfs store holding the Debian image as ``debian``."""
+    layouts = {"debian": (debian_image.path, debian_image.ref)}
+    return {
+        driver: make_store(driver, tmp_path_factory.mktemp(f"debian-{driver}"), layouts)
+        for driver in DRIVERS
+    }

@@ -201,9 +201,12 @@ def parse_reference(text: str, images: list[ImageRecord]) -> StorageReference:
 
 
 def resolve_image(
-    reference: StorageReference, images: list[ImageRecord]
+    reference: StorageReference, images: list[ImageRecord], store_spec: str
 ) -> ImageRecord:
-    """The image REF names; NotFoundError when the store has none."""
+    """The image REF names; NotFoundError when the store has none.
+
+    ``store_spec`` is the bracket part, for messages worded as skopeo's.
+    """
     named = reference.named
     if reference.image_id:
         image = next((i for i in images if i.id == reference.image_id), None)
@@ -216,7 +219,7 @@ def resolve_image(
     image = _find_by_name(images, named)
     if image is None:
         raise NotFoundError(
-            f'reference "{named}" does not resolve to an image ID: '
+            f'reference "{store_spec}{named}" does not resolve to an image ID: '
             "identifier is not an image"
         )
     return image
@@ -312,9 +315,8 @@ class StorageImageSource(ImageSource):
             raw = self._store.big_data(self._image, f"manifest-{instance}")
             if raw is None:
                 raise NotFoundError(
-                    f'reading manifest for image instance "{instance}": locating '
-                    f'item named "manifest-{instance}" for image with ID '
-                    f'"{self._image.id}": file does not exist'
+                    f'reading manifest for image instance "{instance}": '
+                    + _missing_big_data(f"manifest-{instance}", self._image.id)
                 )
             return raw, guess_media_type(raw)
         raw = None
@@ -323,10 +325,7 @@ class StorageImageSource(ImageSource):
         if raw is None:
             raw = self._store.big_data(self._image, "manifest")
         if raw is None:
-            raise SourceError(
-                f'locating item named "manifest" for image with ID '
-                f'"{self._image.id}": file does not exist'
-            )
+            raise SourceError(_missing_big_data("manifest", self._image.id))
         return raw, guess_media_type(raw)
 
     # -- layers --------------------------------------------------------------------
@@ -380,10 +379,7 @@ class StorageImageSource(ImageSource):
             return Blob(io.BufferedReader(reader, 1 << 20), reader.size)
         raw = self._store.big_data(self._image, str(digest))
         if raw is None:
-            raise NotFoundError(
-                f'locating item named "{digest}" for image with ID '
-                f'"{self._image.id}": file does not exist'
-            )
+            raise NotFoundError(_missing_big_data(str(digest), self._image.id))
         return Blob(io.BytesIO(raw), len(raw))
 
     def layer_stream(self, digest: str, diff_id: str) -> LayerStream | None:
@@ -400,6 +396,14 @@ class StorageImageSource(ImageSource):
                 f"{self.name} has no layer with uncompressed digest {diff_id}"
             )
         return StoredLayerStream(self._store, layer.id, layer.diff_digest)
+
+
+def _missing_big_data(key: str, image_id: str) -> str:
+    # containers-storage's wording, which clients may match on.
+    return (
+        f'locating item named "{key}" for image with ID "{image_id}" '
+        "(consider removing the image to resolve the issue): file does not exist"
+    )
 
 
 def _layer_types(manifest_type: str) -> tuple[str, str]:
@@ -419,7 +423,7 @@ class StorageTransport(Transport):
         store = Store(location or configured_store_location())
         images = await anyio.to_thread.run_sync(store.images)
         parsed = parse_reference(ref, images)
-        image = resolve_image(parsed, images)
+        image = resolve_image(parsed, images, store.location.spec())
         return StorageImageSource(
             f"containers-storage:{reference}", store, image, parsed.named
         )
