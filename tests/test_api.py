@@ -564,8 +564,9 @@ async def test_a_build_killed_midway_leaves_a_cache_that_serves_correctly(
         await proxy.legacy.initialize()
         rpc = await proxy.legacy.open_rpc()
         await rpc.initialize()
-        image_id = await rpc.open_image(debian_image.reference)
-        assert image_id is not None
+        opened = await rpc.open_image(debian_image.reference)
+        assert opened is not None
+        image_id: int = opened
         lost: list[BaseException] = []
 
         async def call() -> None:
@@ -582,9 +583,9 @@ async def test_a_build_killed_midway_leaves_a_cache_that_serves_correctly(
     assert _published(tmp_path) == []
 
     async with api_session("--cache-dir", str(tmp_path)) as (_, rpc):
-        image_id = await rpc.open_image(debian_image.reference)
-        assert image_id is not None
-        rebuilt = await rebuild_layer(rpc, image_id, debian_image.layer_digest, 256)
+        reopened = await rpc.open_image(debian_image.reference)
+        assert reopened is not None
+        rebuilt = await rebuild_layer(rpc, reopened, debian_image.layer_digest, 256)
     assert rebuilt.sha256 == debian_image.diff_id
 
 
