@@ -125,6 +125,24 @@ class GetSplitFDStreamParams(_Params):
     max_fds: int = DEFAULT_FD_WINDOW
 
 
+class GetSplitFDStreamAnyParams(_Params):
+    """GetSplitFDStream as the server decodes it: ours or the upstream form.
+
+    Ours names an opened image and a layer digest (GetSplitFDStreamParams).
+    The containers-storage pull request's form names a store layer by ID
+    instead (``layerId``, optional ``parentId``); the server accepts either,
+    telling them apart by ``layerId``.
+    """
+
+    image_id: int | None = None
+    digest: str | None = None
+    max_fds: int = DEFAULT_FD_WINDOW
+    #: A containers-storage layer ID (upstream form).
+    layer_id: str | None = None
+    #: The layer's parent ID; only the layer's own parent is accepted.
+    parent_id: str | None = None
+
+
 class GetSplitFDStreamResult(msgspec.Struct, rename="camel"):
     #: Pass to GetSplitFDStreamFiles and CloseSplitFDStream.
     stream_id: int
@@ -158,3 +176,29 @@ class BlobError(msgspec.Struct):
 
     kind: str
     message: str
+
+
+class GetImageParams(_Params):
+    """The upstream pull request's GetImage: a store image by ID or name."""
+
+    image_id: str
+
+
+class GetImageResult(msgspec.Struct, rename="camel"):
+    manifest: str
+    config: str
+    #: containers-storage layer IDs, top layer first (as upstream sends them).
+    layer_digests: list[str]
+
+
+class UpstreamSplitFDStreamResult(msgspec.Struct, rename="camel"):
+    """GetSplitFDStream's result for the upstream form: ours plus its fields."""
+
+    stream_id: int
+    diff_id: str
+    tar_size: int
+    file_count: int
+    files_included: int
+    #: Upstream's names: the stream's size in bytes, and 1 + fileCount.
+    stream_size: int
+    total_fds: int
