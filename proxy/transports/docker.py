@@ -523,7 +523,8 @@ class RegistryClient:
                 described = describe_response_closing(response)
                 if not retry or attempt >= self._retry.retries:
                     raise RetryableError(
-                        f"{method} {url}: {described} (after {attempt + 1} attempts)"
+                        f"{method} {url}: status {response.status_code}: {described} "
+                        f"(after {attempt + 1} attempts)"
                     )
                 wait = _retry_after(response)
                 time.sleep(self._retry.delay(attempt) if wait is None else wait)
