@@ -201,4 +201,4 @@ class UpstreamSplitFDStreamResult(msgspec.Struct, rename="camel"):
     files_included: int
     #: Upstream's names: the stream's size in bytes, and 1 + fileCount.
     stream_size: int
-    total_fds: int
+    total_fds: int = msgspec.field(name="totalFDs")

@@ -35,6 +35,7 @@ from protocol.errors import (
 )
 from protocol.image import Digest
 from protocol.jsonrpc import ErrorKind, RpcError
+from proxy import api_upstream
 from proxy.fdsocket import FdSocket
 from proxy.image import OpenedImage, ResolvedImage
 from proxy.layercache import CachedLayer, LayerCache
@@ -249,13 +250,14 @@ class ApiSession:
         add("GetConfig", api.ImageParams, self.get_config)
         add("GetLayerInfo", api.ImageParams, self.get_layer_info)
         add("GetBlob", api.GetBlobParams, self.get_blob)
-        add("GetSplitFDStream", api.GetSplitFDStreamParams, self.get_splitfdstream)
         add(
             "GetSplitFDStreamFiles",
             api.GetSplitFDStreamFilesParams,
             self.get_splitfdstream_files,
         )
         add("CloseSplitFDStream", api.StreamParams, self.close_splitfdstream)
+        # GetSplitFDStream (ours, or upstream's layerId form) and GetImage.
+        api_upstream.UpstreamMethods(self).register(add)
 
     # -- session ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from typing import Any
 import anyio
 import pytest
 
+from protocol.jsonrpc import RpcError
 from protocol.tarsplit import (
     FileEntry,
     Segment,
@@ -509,3 +511,72 @@ async def fetch_into(
     client: LegacyClient, image_id: int, layer: dict[str, Any], out: list[bytes]
 ) -> None:
     out.append(await legacy_blob(client, image_id, layer))
+
+
+# --- the upstream pull request's methods -----------------------------------------
+
+
+def decode_splitfdstream(stream_fd: int, files: list[int]) -> str:
+    """sha256 of a splitfdstream with every file at hand, per the format."""
+    hasher = hashlib.sha256()
+    with os.fdopen(stream_fd, "rb") as stream:
+        while prefix := stream.read(8):
+            (value,) = struct.unpack("<q", prefix)
+            if value < 0:
+                hasher.update(stream.read(-value))
+            else:
+                hasher.update(os.pread(files[value], 1 << 30, 0))
+    return f"sha256:{hasher.hexdigest()}"
+
+
+async def test_upstream_get_image_and_layer_id_streams_without_initialize(
+    synthetic_stores: dict[str, ContainerStore],
+) -> None:
+    store = synthetic_stores["overlay"]
+    image = store.image("whiteouts")
+    chain = store.layer_chain("whiteouts")
+    config_key = next(k for k in image["big-data-names"] if k.startswith("sha256:"))
+    image_dir = store.root / "overlay-images" / image["id"]
+    async with ProxyProcess.spawn(["--insecure-policy"]) as proxy:
+        await proxy.legacy.initialize()
+        rpc = await proxy.legacy.open_rpc()
+        try:
+            got, _ = await rpc.call(
+                "GetImage", {"imageId": f"{store.spec}{image['id']}"}, dict
+            )
+            assert got == {
+                "manifest": (image_dir / "manifest").read_text(),
+                "config": (image_dir / big_data_file_name(config_key)).read_text(),
+                "layerDigests": [layer["id"] for layer in reversed(chain)],
+            }
+            for layer in chain:
+                params = {"layerId": layer["id"], "parentId": layer.get("parent", "")}
+                result, fds = await rpc.call("GetSplitFDStream", params, dict)
+                try:
+                    assert result["totalFDs"] == 1 + result["fileCount"] == len(fds)
+                    assert result["tarSize"] == layer["diff-size"]
+                    sha = decode_splitfdstream(fds[0], fds[1:])
+                finally:
+                    for fd in fds[1:]:
+                        os.close(fd)
+                assert sha == layer["diff-digest"]
+                # Every file came at once: there is no stream left to close.
+                assert result["streamId"] == 0
+        finally:
+            await rpc.aclose()
+
+
+async def test_upstream_layer_id_with_another_parent_is_refused(
+    synthetic_stores: dict[str, ContainerStore],
+) -> None:
+    store = synthetic_stores["overlay"]
+    base, middle, _ = store.layer_chain("whiteouts")
+    async with api_session() as (_, rpc):
+        with pytest.raises(RpcError, match="diffs against another layer"):
+            await rpc.call(
+                "GetSplitFDStream",
+                {"layerId": f"{store.spec}{middle['id']}", "parentId": middle["id"]},
+                dict,
+            )
+        with pytest.raises(RpcError, match="missing required field `digest`"):
+            await rpc.call("GetSplitFDStream", {"imageId": 1}, dict)

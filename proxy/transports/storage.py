@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from protocol.errors import ClientError, NotFoundError, SourceError
+from protocol.errors import ClientError, NotFoundError, SourceError, UnsupportedError
 from protocol.image import (
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
@@ -296,6 +296,14 @@ class StorageImageSource(ImageSource):
         self._named = named
         self._chain: list[LayerRecord] | None = None
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def layer_ids(self) -> list[str]:
+        """The image's store layer IDs, base layer first. Blocking."""
+        return [layer.id for layer in self._layer_chain()]
+
     def policy_scopes(self) -> list[str]:
         # containers/image scopes a storage image by its store and, when the
         # reference names one, its repository.
@@ -396,6 +404,24 @@ class StorageImageSource(ImageSource):
                 f"{self.name} has no layer with uncompressed digest {diff_id}"
             )
         return StoredLayerStream(self._store, layer.id, layer.diff_digest)
+
+
+def layer_stream_by_id(store: Store, layer_id: str, parent_id: str) -> LayerStream:
+    """A store layer as a splitfdstream, named by layer ID (upstream's form).
+
+    ``parent_id`` may be empty or the layer's own parent: the store keeps a
+    layer's tar as applied on its parent, and a diff against any other layer
+    would have to be computed, which we do not do. Blocking.
+    """
+    record = store.layers().get(layer_id)
+    if record is None:
+        raise NotFoundError(f'layer not known: "{layer_id}" in {store.location.spec()}')
+    if parent_id and parent_id != record.parent:
+        raise UnsupportedError(
+            f"layer {layer_id} was applied on {record.parent or 'no parent'}, not "
+            f"{parent_id}: diffs against another layer are not supported"
+        )
+    return StoredLayerStream(store, layer_id, record.diff_digest)
 
 
 def _missing_big_data(key: str, image_id: str) -> str:
