@@ -28,6 +28,7 @@ import anyio
 import pytest
 
 from protocol.errors import ClientError, UnsupportedError
+from protocol.jsonrpc import RpcError
 from proxy.client import ProxyProcess
 from proxy.pull import pull
 from proxy.transports.base import SystemContext
@@ -902,3 +903,60 @@ async def test_schema1_manifest_is_refused_with_skopeos_message(
     ours, theirs = outcomes
     assert ours == theirs
     assert ours.error == f"unsupported legacy manifest MIME type: {media_type}"
+
+
+# --- the jsonrpc-fdpass API and registries.conf ------------------------------------
+
+
+async def test_api_optional_open_is_null_for_unknown_tag_and_error_for_auth(
+    plain_registry: Registry, basic_auth_registry: Registry
+) -> None:
+    async with proxy(INSECURE) as spawned:
+        rpc = await spawned.legacy.open_rpc()
+        try:
+            await rpc.initialize()
+            missing = await rpc.open_image(
+                plain_registry.reference("debian:no-such-tag"), optional=True
+            )
+            with pytest.raises(RpcError) as refused:
+                await rpc.open_image(
+                    basic_auth_registry.reference("team/basic"), optional=True
+                )
+        finally:
+            await rpc.aclose()
+    assert missing is None
+    assert refused.value.data["kind"] == "source-error"
+    assert "unauthorized" in refused.value.message
+
+
+async def test_api_reports_a_failing_registry_as_retryable(
+    plain_registry: Registry,
+) -> None:
+    with fault_proxy(plain_registry.host) as front:
+        front.add(Rule(r"/manifests/", "status", status=503, times=None))
+        async with proxy(INSECURE) as spawned:
+            rpc = await spawned.legacy.open_rpc()
+            try:
+                await rpc.initialize()
+                with pytest.raises(RpcError) as failed:
+                    await rpc.open_image(f"docker://{front.host}/debian:bookworm")
+            finally:
+                await rpc.aclose()
+    assert failed.value.data["kind"] == "retryable"
+
+
+async def test_insecure_registry_in_registries_conf_allows_http_as_for_skopeo(
+    plain_registry: Registry,
+) -> None:
+    # We read CONTAINERS_REGISTRIES_CONF as current containers/image does;
+    # skopeo 1.9 only takes its --registries-conf flag.
+    conf = Path(os.environ["CONTAINERS_REGISTRIES_CONF"])
+    conf.write_text(
+        f'[[registry]]\nlocation = "{plain_registry.host}"\ninsecure = true\n'
+    )
+    image = plain_registry.reference("debian:bookworm")
+    async with proxy() as spawned:
+        ours = await record(spawned.legacy, "OpenImage", image)
+    async with proxy("--registries-conf", str(conf), command=SKOPEO) as spawned:
+        theirs = await record(spawned.legacy, "OpenImage", image)
+    assert ours.success and theirs.success, (ours.error, theirs.error)
