@@ -74,8 +74,18 @@ def write_all(fd: int, data: memoryview, progress: Progress) -> None:
         except BlockingIOError:
             poller.poll(_POLL_SLICE_MS)
             continue
+        except BrokenPipeError:
+            raise client_closed_pipe(progress) from None
         data = data[written:]
         progress.advance(written)
+
+
+def client_closed_pipe(progress: Progress) -> BrokenPipeError:
+    """EPIPE, said so that a user knows it was the client that hung up."""
+    return BrokenPipeError(
+        "the client closed its end of the pipe after "
+        f"{progress.bytes} bytes had been written to it"
+    )
 
 
 def copy_verified(
@@ -136,6 +146,8 @@ def _splice_file(source_fd: int, fd: int, progress: Progress) -> None:
         except BlockingIOError:
             poller.poll(_POLL_SLICE_MS)
             continue
+        except BrokenPipeError:
+            raise client_closed_pipe(progress) from None
         if sent == 0:
             return
         offset += sent
