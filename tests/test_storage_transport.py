@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,8 +38,9 @@ from protocol.tarsplit import (
     content_path,
 )
 from proxy.client import LegacyClient, LegacyError, ProxyProcess
+from proxy.pull import pull
 from proxy.transports.storage_store import LOCK_TIMEOUT_ENV, big_data_file_name
-from tests.api_helpers import api_session, rebuild_layer
+from tests.api_helpers import api_session, describe_tree, rebuild_layer
 from tests.images import DebianImage, ImageSet
 from tests.legacy_helpers import Call, read_and_finish, record
 from tests.storage import (
@@ -580,3 +582,116 @@ async def test_upstream_layer_id_with_another_parent_is_refused(
             )
         with pytest.raises(RpcError, match="missing required field `digest`"):
             await rpc.call("GetSplitFDStream", {"imageId": 1}, dict)
+
+
+# --- pull, reflinks and what the proxy reads -----------------------------------------
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_IMAGES)
+async def test_pull_from_the_store_gives_the_tree_pull_from_the_layout_gives(
+    synthetic_stores: dict[str, ContainerStore],
+    test_images: ImageSet,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    from_layout, from_store = tmp_path / "from-layout", tmp_path / "from-store"
+    await pull(test_images[name].reference, from_layout, cache_dir=tmp_path / "c1")
+    await pull(
+        synthetic_stores["overlay"].reference(name),
+        from_store,
+        cache_dir=tmp_path / "c2",
+    )
+    assert describe_tree(from_store) == describe_tree(from_layout)
+
+
+def proxy_io(pid: int) -> dict[str, int]:
+    """The kernel's I/O counters of a process (``/proc/PID/io``)."""
+    counters = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, value = line.split(":")
+        counters[key] = int(value)
+    return counters
+
+
+async def test_proxy_reads_no_layer_content_for_a_splitfdstream_but_all_for_get_blob(
+    debian_stores: dict[str, ContainerStore], debian_image: DebianImage
+) -> None:
+    store = debian_stores["overlay"]
+    (layer,) = store.layer_chain("debian")
+    async with api_session() as (proxy, rpc):
+        pid = proxy.process.pid
+        image_id = await rpc.open_image(store.reference("debian"))
+        assert image_id is not None
+        before = proxy_io(pid)
+        rebuilt = await rebuild_layer(rpc, image_id, layer["diff-digest"], 256)
+        stream_read = proxy_io(pid)["rchar"] - before["rchar"]
+        assert rebuilt.sha256 == layer["diff-digest"]
+
+        legacy_id = await proxy.legacy.open_image(store.reference("debian"))
+        before = proxy_io(pid)
+        await legacy_blob(proxy.legacy, legacy_id, layer)
+        blob_read = proxy_io(pid)["rchar"] - before["rchar"]
+    with tarfile.open(debian_image.rootfs_tar) as archive:
+        content = sum(member.size for member in archive if member.isreg())
+    # The tar-split and the few files others may not read, against read()
+    # of every content byte.
+    assert stream_read < content // 20
+    assert blob_read >= content
+
+
+@contextmanager
+def loop_mounted_xfs(image: Path, mount_point: Path) -> Iterator[Path]:
+    """A fresh XFS with reflinks, loop-mounted at ``mount_point`` (as root)."""
+    for tool in ("mkfs.xfs", "filefrag", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: cannot test reflinks on XFS")
+    if os.geteuid() != 0:
+        pytest.skip("mounting an XFS image needs root")
+    with image.open("wb") as sparse:
+        sparse.truncate(1 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mount_point.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def shares_extents(path: Path) -> bool:
+    """Whether filefrag reports the file's extents as shared (reflinked)."""
+    report = subprocess.run(
+        ["filefrag", "-v", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    extents = [line for line in report.splitlines() if line.strip()[:1].isdigit()]
+    return bool(extents) and all("shared" in line for line in extents)
+
+
+async def test_debian_pull_from_a_store_on_xfs_reflinks_the_store_files(
+    debian_image: DebianImage, tmp_path: Path
+) -> None:
+    with loop_mounted_xfs(tmp_path / "xfs.img", tmp_path / "xfs") as xfs:
+        store = make_store(
+            "overlay", xfs / "store", {"debian": (debian_image.path, debian_image.ref)}
+        )
+        dest = xfs / "dest"
+        await pull(store.reference("debian"), dest, cache_dir=xfs / "cache")
+        await pull(debian_image.reference, tmp_path / "from-layout", cache_dir=tmp_path)
+        assert describe_tree(dest) == describe_tree(tmp_path / "from-layout")
+
+        (layer,) = store.layer_chain("debian")
+        content = store.content_dir(layer["id"])
+        largest = sorted(
+            (
+                path
+                for path in dest.rglob("*")
+                if path.is_file()
+                and not path.is_symlink()
+                and path.stat().st_mode & stat.S_IROTH
+            ),
+            key=lambda path: path.stat().st_size,
+            reverse=True,
+        )[:20]
+        assert largest and all(shares_extents(path) for path in largest)
+        # The store's copies are the other owners of those extents.
+        assert all(shares_extents(content / p.relative_to(dest)) for p in largest)
