@@ -709,6 +709,30 @@ async def test_blobs_are_fetched_from_where_the_registry_redirects(
     assert debian_image.layer_digest in served
 
 
+async def test_credentials_are_not_sent_to_the_redirect_target(
+    basic_auth_registry: Registry, test_images: ImageSet
+) -> None:
+    layout = test_images["basic"].path
+    (layer,) = layer_digests(layout)
+    size = (layout / "blobs" / layer.replace(":", "/")).stat().st_size
+    store = BlobStore(basic_auth_registry)
+    try:
+        with fault_proxy(basic_auth_registry.host) as front:
+            front.add(
+                Rule(r"/blobs/sha256:", "redirect", times=None, location=store.base_url)
+            )
+            async with proxy(INSECURE, "--creds", f"{USER}:{PASSWORD}") as spawned:
+                _, fetched = await open_and_fetch_layer(
+                    spawned.legacy, f"docker://{front.host}/team/basic", layer, size
+                )
+            asked = front.requests_to(r"/blobs/" + layer)
+    finally:
+        store.close()
+    assert fetched.payload is not None and sha256(fetched.payload) == layer
+    assert asked and all(entry.authorization for entry in asked)
+    assert store.requests and all(auth is None for _, auth in store.requests)
+
+
 # --- faults ------------------------------------------------------------------------
 
 
