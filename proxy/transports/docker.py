@@ -623,12 +623,6 @@ class RegistryClient:
             or (body.code == "UNKNOWN" and "not found" in body.message.lower())
         ):
             raise NotFoundError(text + described)
-        if response.status_code == 401:
-            raise SourceError(
-                text
-                + "unable to retrieve auth token: invalid username/password: "
-                + described
-            )
         raise SourceError(text + described)
 
     def open_blob(self, digest: Digest, start: int = 0) -> httpx.Response:
