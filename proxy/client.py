@@ -78,17 +78,27 @@ class LegacyClient:
         return reply.value, fds, reply.pipeid
 
     async def call_piped(self, method: str, *args: Any) -> tuple[Any, bytes]:
-        """A method answering through a pipe: read it all, then FinishPipe."""
+        """A method answering through a pipe: read it all while FinishPipe runs.
+
+        A failed transfer raises FinishPipe's LegacyError once the pipe has
+        been drained.
+        """
         value, fds, pipeid = await self.call(method, *args)
         (fd,) = fds
+        payload: list[bytes] = []
+        failure: list[LegacyError] = []
+
+        async def finish() -> None:
+            try:
+                await self.call("FinishPipe", pipeid)
+            except LegacyError as exc:
+                failure.append(exc)
+
         async with anyio.create_task_group() as tg:
-            payload: list[bytes] = []
-
-            async def read() -> None:
-                payload.append(await anyio.to_thread.run_sync(_read_all, fd))
-
-            tg.start_soon(read)
-            await self.call("FinishPipe", pipeid)
+            tg.start_soon(finish)
+            payload.append(await anyio.to_thread.run_sync(_read_all, fd))
+        if failure:
+            raise failure[0]
         return value, payload[0]
 
     async def initialize(self) -> str:
