@@ -271,25 +271,65 @@ class LegacySession:
     # -- pipes ------------------------------------------------------------------
 
     def _bytes_pipe(self, value: Any, payload: bytes) -> Outcome:
-        view = memoryview(payload)
-        return self._start_pipe(
-            value, lambda fd, progress: write_all(fd, view, progress), None
+        # Manifests and configs almost always fit in the pipe's buffer: write
+        # them right here and skip the worker thread, which costs more than
+        # the write. Whatever does not fit goes to a worker as usual.
+        read_fd, write_fd = self._new_pipe()
+        try:
+            written = os.write(write_fd, payload)
+        except BlockingIOError:
+            written = 0
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if written == len(payload):
+            os.close(write_fd)
+            pipe = ActivePipe(progress=Progress(), done=anyio.Event())
+            pipe.done.set()
+            return self._register_pipe(value, read_fd, pipe)
+        rest = memoryview(payload)[written:]
+        return self._start_worker(
+            value,
+            read_fd,
+            write_fd,
+            lambda fd, progress: write_all(fd, rest, progress),
+            None,
         )
 
     def _start_pipe(
         self, value: Any, work: Callable[[int, Progress], None], blob: Blob | None
     ) -> Outcome:
-        if len(self._pipes) >= MAX_ACTIVE_PIPES:
+        try:
+            read_fd, write_fd = self._new_pipe()
+        except BaseException:
             if blob is not None:
                 blob.close()
+            raise
+        return self._start_worker(value, read_fd, write_fd, work, blob)
+
+    def _new_pipe(self) -> tuple[int, int]:
+        if len(self._pipes) >= MAX_ACTIVE_PIPES:
             raise ClientError(
                 f"{MAX_ACTIVE_PIPES} pipes are unfinished: call FinishPipe first"
             )
-        read_fd, write_fd = make_pipe()
-        self._last_pipe_id = self._last_pipe_id % 0xFFFFFFFF + 1
+        return make_pipe()
+
+    def _start_worker(
+        self,
+        value: Any,
+        read_fd: int,
+        write_fd: int,
+        work: Callable[[int, Progress], None],
+        blob: Blob | None,
+    ) -> Outcome:
         pipe = ActivePipe(progress=Progress(), done=anyio.Event())
-        self._pipes[self._last_pipe_id] = pipe
         self._tg.start_soon(self._pipe_worker, pipe, work, write_fd, blob)
+        return self._register_pipe(value, read_fd, pipe)
+
+    def _register_pipe(self, value: Any, read_fd: int, pipe: ActivePipe) -> Outcome:
+        self._last_pipe_id = self._last_pipe_id % 0xFFFFFFFF + 1
+        self._pipes[self._last_pipe_id] = pipe
         return Outcome(value, [read_fd], self._last_pipe_id)
 
     async def _pipe_worker(

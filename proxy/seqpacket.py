@@ -37,7 +37,8 @@ async def receive_packet(
     PacketTooLarge after closing any fds that came with it.
     """
     while True:
-        await anyio.wait_readable(sock)
+        # Try first: when the packet is already queued this saves registering
+        # with the event loop, which costs more than the failed call.
         try:
             data, ancillary, flags, _ = sock.recvmsg(
                 max_size + 1,
@@ -45,6 +46,7 @@ async def receive_packet(
                 socket.MSG_CMSG_CLOEXEC,
             )
         except BlockingIOError:
+            await anyio.wait_readable(sock)
             continue
         fds = _fds_of(ancillary)
         if not data and not fds:
