@@ -10,5 +10,5 @@ def load_all() -> None:
         docker_archive,
         oci_archive,
         oci_layout,
+        storage,  # noqa: F401
     )
-    from proxy.transports import storage  # noqa: F401
