@@ -11,6 +11,7 @@ level 1 compresses it at about 600 MB/s here.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +102,33 @@ def _write_bigfile_tar(path: Path, size: int) -> None:
         out.write(bytes(2 * tarfile.BLOCKSIZE))
 
 
+@contextmanager
+def _images_lock(images: Path) -> Iterator[None]:
+    """The flock ``make-test-images`` holds on ``IMAGES/.lock`` while building.
+
+    Without it a concurrent make-test-images run takes our ``.tmp-*``
+    directory for a crash leftover and removes it mid-build.
+    """
+    images.mkdir(parents=True, exist_ok=True)
+    fd = os.open(images / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def bigfile(images: Path) -> Layout:
     """``IMAGES/bigfile``, built into a temporary sibling and renamed in."""
     final, stamp = images / "bigfile", images / ".stamps" / "bigfile"
     if final.is_dir() and stamp.is_file() and stamp.read_text() == BIGFILE_VERSION:
         return Layout(final, "latest")
+    with _images_lock(images):
+        _build_bigfile(images, final, stamp)
+    return Layout(final, "latest")
+
+
+def _build_bigfile(images: Path, final: Path, stamp: Path) -> None:
     print(f"bench: building {final} ({BIGFILE_SIZE >> 20} MiB file)", flush=True)
     temp = Path(tempfile.mkdtemp(prefix=".tmp-bigfile-", dir=images))
     try:
@@ -123,4 +147,3 @@ def bigfile(images: Path) -> Layout:
     stamp.parent.mkdir(exist_ok=True)
     stamp.write_text(BIGFILE_VERSION)
     os.sync()
-    return Layout(final, "latest")

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import anyio
 
-from benchlib.measure import cat_to_pipe, drain, process_snapshot, read_to_end
+from benchlib.measure import (
+    cat_to_pipe,
+    cpu_seconds,
+    drain,
+    process_snapshot,
+    read_to_end,
+)
 from benchlib.results import Report, Row
 from proxy.client import LegacyError, ProxyProcess
 from proxy.pipes import PIPE_SIZE
@@ -167,11 +173,16 @@ async def blob_cases(
         _record_rss(report, case2, sessions[:1])
 
 
-async def _per_call_us(call: Callable[[], Awaitable[object]], calls: int) -> float:
+async def _per_call_us(
+    row: Row, pid: int, call: Callable[[], Awaitable[object]], calls: int
+) -> None:
+    """Wall time per call, and the proxy's own CPU time per call beside it."""
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     for _ in range(calls):
         await call()
-    return (time.perf_counter() - started) / calls * 1e6
+    row.values.append((time.perf_counter() - started) / calls * 1e6)
+    row.add_resources(proxy_cpu_us=(cpu_seconds(pid) - cpu_before) / calls * 1e6)
 
 
 async def _close_unknown_image(session: Session) -> None:
@@ -203,11 +214,15 @@ async def round_trip_cases(
                 get_manifest = partial(
                     session.proxy.legacy.call_piped, "GetManifest", session.image_id
                 )
-                rows[manifest_case, session.server.name].values.append(
-                    await _per_call_us(get_manifest, calls)
+                pid = session.proxy.process.pid
+                await _per_call_us(
+                    rows[manifest_case, session.server.name], pid, get_manifest, calls
                 )
-                rows[error_case, session.server.name].values.append(
-                    await _per_call_us(partial(_close_unknown_image, session), calls)
+                await _per_call_us(
+                    rows[error_case, session.server.name],
+                    pid,
+                    partial(_close_unknown_image, session),
+                    calls,
                 )
         _record_rss(report, manifest_case, sessions)
 

@@ -266,6 +266,15 @@ def run_sampled(
     return RunResult(seconds, cpu_seconds, sampler.roles(), stdout)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system time of a live process so far, all its threads included."""
+    fields = (_read_text(f"/proc/{pid}/stat") or "").rpartition(")")[2].split()
+    if len(fields) < 13:
+        return float("nan")
+    # utime and stime are fields 14 and 15 of stat(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_snapshot(pid: int) -> ProcStats:
     """One sample of a live process (its VmHWM is already its peak)."""
     stats = ProcStats(pid)

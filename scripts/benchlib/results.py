@@ -188,15 +188,17 @@ def render_markdown(report: Report) -> str:
     if resource_rows:
         lines += [
             "",
-            "| case | variant | CPU s | proxy rchar MiB | proxy read_bytes MiB | "
+            "| case | variant | CPU s (tree) | proxy CPU us/call | "
+            "proxy rchar MiB | proxy read_bytes MiB | "
             "proxy peak RSS MB | client peak RSS MB | helpers peak RSS MB | "
             "proxy peak fds | client peak fds |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in resource_rows:
             get = row.resource
             lines.append(
                 f"| {row.case} | {_cell(row.variant)} | {_number(get('cpu_s'))} | "
+                f"{_number(get('proxy_cpu_us'))} | "
                 f"{_mib(get('proxy_rchar'))} | "
                 f"{_mib(get('proxy_read_bytes'))} | "
                 f"{_number(get('peak_proxy_rss_mb'))} | "
