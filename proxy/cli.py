@@ -300,7 +300,13 @@ def inspect(
     except (ImageProxyError, LegacyError, RpcError) as exc:
         typer.echo(f"image-proxy: inspect {image}: {_message(exc)}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(text)
+    if raw:
+        # The stored bytes exactly, as skopeo inspect --raw writes them, so
+        # that piping them to sha256sum gives the digest.
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.flush()
+    else:
+        typer.echo(text)
 
 
 def main() -> None:
