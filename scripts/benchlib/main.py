@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(facts=machine_facts())
     report.facts["command"] = " ".join(["scripts/bench", *sys.argv[1:]])
     report.facts["runs"] = runs
+    report.facts["load_average_start"] = _load_average()
     errors: list[str] = []
     # Proxies spawned by the cases import this checkout, installed or not.
     env = pull_cases.bench_env(REPO)
@@ -204,12 +205,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     report.facts["errors"] = errors
+    report.facts["load_average_end"] = _load_average()
     judge_all(report)
     report.write_json(args.json)
     print(render_markdown(report))
     for error in errors:
         print(f"bench: error: {error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _load_average() -> str:
+    """1, 5 and 15 minute load: how much else shared the 2 cores."""
+    with open("/proc/loadavg") as loadavg:
+        return " ".join(loadavg.read().split()[:3])
 
 
 def _compile_modules() -> None:

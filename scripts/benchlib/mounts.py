@@ -7,9 +7,11 @@ itself on unmount, so unmounting is the whole cleanup.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +31,11 @@ def missing_tools(filesystem: str) -> list[str]:
 @contextmanager
 def loop_filesystem(filesystem: str, size: str, under: Path) -> Iterator[Path]:
     """A fresh ``filesystem`` of ``size`` mounted under ``under``; yields it."""
-    image = under / f"{filesystem}.img"
-    mountpoint = under / filesystem
-    mountpoint.mkdir()
-    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    mountpoint = Path(tempfile.mkdtemp(prefix=f"{filesystem}-", dir=under))
+    image = mountpoint.with_suffix(".img")
     mounted = False
     try:
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
         subprocess.run([*MKFS[filesystem], str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
         mounted = True
@@ -43,6 +44,8 @@ def loop_filesystem(filesystem: str, size: str, under: Path) -> Iterator[Path]:
         if mounted:
             _unmount(mountpoint)
         image.unlink(missing_ok=True)
+        if not os.path.ismount(mountpoint):
+            mountpoint.rmdir()
 
 
 def _unmount(mountpoint: Path) -> None:
