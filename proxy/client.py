@@ -167,22 +167,26 @@ class RpcClient:
             raise
 
     async def _pump(self, done: anyio.Event) -> None:
-        """Read until ``done`` is set; one caller reads, the others wait."""
+        """Read one chunk and deliver what it completes; one reader at a time.
+
+        The lock is held for a single receive only: a caller whose answer
+        another caller's read delivered gets the lock next and returns,
+        instead of waiting until the reader's own answer arrives.
+        """
         async with self._reader_lock:
-            while not done.is_set():
-                if self._closed is not None:
-                    raise EOFError("the proxy closed the jsonrpc-fdpass connection")
-                item = self._framer.next_message()
-                if item is None:
-                    data, fds = await self._sock.receive()
-                    if not data:
-                        close_fds(fds)
-                        self._closed = EOFError()
-                        continue
-                    self._framer.feed(data, fds)
-                    continue
-                message, fds = item
-                self._deliver(message, fds)
+            if done.is_set():
+                return
+            if self._closed is not None:
+                raise EOFError("the proxy closed the jsonrpc-fdpass connection")
+            data, fds = await self._sock.receive()
+            if not data:
+                close_fds(fds)
+                self._closed = EOFError()
+                return
+            self._framer.feed(data, fds)
+            while (item := self._framer.next_message()) is not None:
+                message, message_fds = item
+                self._deliver(message, message_fds)
 
     def _deliver(self, message: Any, fds: list[int]) -> None:
         if not isinstance(message, Response) or not isinstance(message.id, int):

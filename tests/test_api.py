@@ -627,12 +627,6 @@ async def test_sixteen_concurrent_calls_on_one_connection_all_answer(
 
 
 @pytest.mark.debian
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/client.py RpcClient._pump: a caller waiting for the reader "
-    "lock is not woken when the reader delivers its response, so GetConfig "
-    "returns only after the slow call (the proxy itself answers it at once)",
-)
 async def test_a_slow_layer_build_does_not_hold_up_a_later_get_config(
     debian_image: DebianImage, tmp_path: Path
 ) -> None:
