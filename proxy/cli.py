@@ -9,6 +9,7 @@ name: never silently ignored.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,6 +170,10 @@ def experimental_image_proxy(
         _refuse("--daemon-host", "the docker-daemon: transport is not available")
     if password and not username:
         _refuse("--password", "it needs --username")
+    if options.get("registries_conf"):
+        # The docker transport reads registries.conf from this variable; the
+        # flag, as in skopeo, names the file for this process only.
+        os.environ["CONTAINERS_REGISTRIES_CONF"] = str(options["registries_conf"])
     context = SystemContext(
         authfile=authfile,
         creds=creds,
@@ -203,6 +208,48 @@ def experimental_image_proxy(
         raise typer.Exit(130) from None
 
 
+TlsVerifyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-verify",
+        is_flag=False,
+        flag_value="true",
+        help="false: allow plain HTTP and unverified TLS for registries.",
+    ),
+]
+CertDirOpt = Annotated[
+    str | None, typer.Option("--cert-dir", help="CA and client certificates.")
+]
+CredsOpt = Annotated[
+    str | None, typer.Option("--creds", help="USER[:PASSWORD] for the registry.")
+]
+AuthfileOpt = Annotated[str | None, typer.Option("--authfile", help="auth.json path.")]
+
+
+def _source_args(
+    insecure_policy: bool,
+    policy: str | None,
+    tls_verify: str | None,
+    cert_dir: str | None,
+    creds: str | None,
+    authfile: str | None,
+) -> list[str]:
+    """The proxy flags pull and inspect pass through to the proxy they spawn."""
+    args = ["--insecure-policy"] if insecure_policy else []
+    _parse_bool("--tls-verify", tls_verify)
+    for flag, value in (
+        ("--policy", policy),
+        ("--cert-dir", cert_dir),
+        ("--creds", creds),
+        ("--authfile", authfile),
+    ):
+        if value:
+            args += [flag, value]
+    if tls_verify is not None:
+        args.append(f"--tls-verify={tls_verify}")
+    return args
+
+
 @app.command()
 def pull(
     image: Annotated[str, typer.Argument(help="transport:reference, e.g. oci:DIR:TAG")],
@@ -213,6 +260,10 @@ def pull(
     ] = None,
     insecure_policy: InsecurePolicyOpt = False,
     policy: PolicyOpt = None,
+    tls_verify: TlsVerifyOpt = None,
+    cert_dir: CertDirOpt = None,
+    creds: CredsOpt = None,
+    authfile: AuthfileOpt = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar.")
     ] = False,
@@ -220,9 +271,9 @@ def pull(
     """Pull IMAGE into DEST through the proxy, reflinking file contents."""
     from proxy.pull import pull as run_pull
 
-    proxy_args = ["--insecure-policy"] if insecure_policy else []
-    if policy:
-        proxy_args += ["--policy", policy]
+    proxy_args = _source_args(
+        insecure_policy, policy, tls_verify, cert_dir, creds, authfile
+    )
     _setup_logging(False)
     with _progress(quiet) as on_progress:
         try:
@@ -287,13 +338,17 @@ def inspect(
     ] = False,
     insecure_policy: InsecurePolicyOpt = False,
     policy: PolicyOpt = None,
+    tls_verify: TlsVerifyOpt = None,
+    cert_dir: CertDirOpt = None,
+    creds: CredsOpt = None,
+    authfile: AuthfileOpt = None,
 ) -> None:
     """Show an image's digest, platform, layers and config."""
     from proxy.inspect import inspect_image
 
-    proxy_args = ["--insecure-policy"] if insecure_policy else []
-    if policy:
-        proxy_args += ["--policy", policy]
+    proxy_args = _source_args(
+        insecure_policy, policy, tls_verify, cert_dir, creds, authfile
+    )
     _setup_logging(False)
     try:
         text = anyio.run(partial(inspect_image, image, raw=raw, proxy_args=proxy_args))

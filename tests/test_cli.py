@@ -189,3 +189,43 @@ def test_override_flags_choose_the_instance_of_another_platform(
     _call(sock, "FinishPipe", reply["pipeid"])
     _shutdown(process, sock)
     assert reply["value"] == _index_entry(image.path, architecture, variant)
+
+
+def test_pull_and_inspect_pass_registry_flags_to_the_proxy(
+    test_images: ImageSet, tmp_path: Path
+) -> None:
+    from tests.registry import run_registry, skopeo_copy
+
+    source = test_images["basic"]
+    with run_registry(tmp_path / "registry") as registry:
+        skopeo_copy(
+            source.reference,
+            registry.reference("basic:latest"),
+            "--dest-tls-verify=false",
+        )
+        image = registry.reference("basic:latest")
+        refused = subprocess.run(
+            [*PROXY, "inspect", image], capture_output=True, timeout=120
+        )
+        # A plain-HTTP registry needs --tls-verify=false, as with skopeo.
+        assert refused.returncode != 0
+        inspected = subprocess.run(
+            [*PROXY, "inspect", "--tls-verify=false", image],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        manifest_digest = _index_top_digest(source.path)
+        assert manifest_digest in inspected.stdout.decode()
+        pulled = subprocess.run(
+            [*PROXY, "pull", "--tls-verify=false", image, str(tmp_path / "rootfs")],
+            capture_output=True,
+            timeout=300,
+        )
+        assert pulled.returncode == 0, pulled.stderr.decode()
+        assert (tmp_path / "rootfs" / "usr" / "bin").is_dir()
+
+
+def _index_top_digest(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return str(index["manifests"][0]["digest"])
