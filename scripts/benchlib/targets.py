@@ -84,7 +84,7 @@ def _judge_pulls(report: Report) -> None:
             if ratio is not None:
                 report.inform(
                     "warm pull, copies (ext4)",
-                    f"{ratio:.2f}x faster than GetBlob|tar (skopeo)",
+                    f"{ratio:.2f}x (GetBlob|tar seconds / warm pull seconds)",
                 )
         report.judge_ratio(
             f"cold pull ({filesystem})", case, COLD, LEGACY_SKOPEO, 1.0,
