@@ -1,5 +1,5 @@
 """``python -m proxy``: the same as the ``image-proxy`` command."""
 
-from proxy.cli import main
+from proxy.entry import main
 
 main()

@@ -9,7 +9,6 @@ name: never silently ignored.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,6 @@ import typer
 from protocol.errors import ImageProxyError
 from protocol.jsonrpc import RpcError
 from proxy.client import LegacyError
-from proxy.transports.base import SystemContext
 
 app = typer.Typer(
     pretty_exceptions_enable=False,
@@ -33,67 +31,13 @@ app = typer.Typer(
     "`skopeo experimental-image-proxy`, plus `pull` and `inspect`.",
 )
 
-# Flags that skopeo takes globally; we accept them before or after the
-# subcommand and merge the two.
-_GLOBAL_KEYS = (
-    "debug",
-    "policy",
-    "insecure_policy",
-    "override_arch",
-    "override_os",
-    "override_variant",
-    "registries_conf",
-    "tmpdir",
-    "command_timeout",
-    "user_agent_prefix",
-)
-
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Log each request to stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Log to stderr.")]
 PolicyOpt = Annotated[
     str | None, typer.Option("--policy", help="Path to a signature policy file.")
 ]
 InsecurePolicyOpt = Annotated[
     bool, typer.Option("--insecure-policy", help="Run images without any policy check.")
 ]
-ArchOpt = Annotated[
-    str | None, typer.Option("--override-arch", help="Architecture to choose.")
-]
-OsOpt = Annotated[str | None, typer.Option("--override-os", help="OS to choose.")]
-VariantOpt = Annotated[
-    str | None, typer.Option("--override-variant", help="Variant to choose.")
-]
-RegistriesConfOpt = Annotated[
-    str | None, typer.Option("--registries-conf", hidden=True)
-]
-TmpdirOpt = Annotated[str | None, typer.Option("--tmpdir", hidden=True)]
-TimeoutOpt = Annotated[str | None, typer.Option("--command-timeout", hidden=True)]
-AgentOpt = Annotated[str | None, typer.Option("--user-agent-prefix", hidden=True)]
-
-
-@app.callback()
-def global_options(
-    ctx: typer.Context,
-    debug: DebugOpt = False,
-    policy: PolicyOpt = None,
-    insecure_policy: InsecurePolicyOpt = False,
-    override_arch: ArchOpt = None,
-    override_os: OsOpt = None,
-    override_variant: VariantOpt = None,
-    registries_conf: RegistriesConfOpt = None,
-    tmpdir: TmpdirOpt = None,
-    command_timeout: TimeoutOpt = None,
-    user_agent_prefix: AgentOpt = None,
-) -> None:
-    ctx.obj = {key: value for key, value in locals().items() if key in _GLOBAL_KEYS}
-
-
-def _merged(ctx: typer.Context, local: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(ctx.obj or {})
-    for key in _GLOBAL_KEYS:
-        value = local.get(key)
-        if value not in (None, False):
-            merged[key] = value
-    return merged
 
 
 def _setup_logging(debug: bool) -> None:
@@ -115,97 +59,25 @@ def _parse_bool(flag: str, value: str | None) -> bool | None:
     raise typer.BadParameter(f"{flag} takes true or false, not {value!r}")
 
 
-def _refuse(flag: str, why: str) -> None:
-    typer.echo(f"image-proxy: {flag} is not supported: {why}", err=True)
-    raise typer.Exit(2)
+@app.command(
+    "experimental-image-proxy",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+def experimental_image_proxy(ctx: typer.Context) -> None:
+    """Serve skopeo's image proxy protocol on an inherited socket.
 
+    Its flags are skopeo's; see `image-proxy experimental-image-proxy --help`.
+    """
+    # Normally proxy.entry dispatches here without typer; this keeps the
+    # command listed in --help and working when reached through the app.
+    from proxy.proxy_command import COMMAND, run
 
-@app.command("experimental-image-proxy")
-def experimental_image_proxy(
-    ctx: typer.Context,
-    sockfd: Annotated[int, typer.Option("--sockfd", help="Serve on this fd.")] = 0,
-    authfile: Annotated[str | None, typer.Option("--authfile")] = None,
-    creds: Annotated[str | None, typer.Option("--creds")] = None,
-    username: Annotated[str | None, typer.Option("--username")] = None,
-    password: Annotated[str | None, typer.Option("--password")] = None,
-    registry_token: Annotated[str | None, typer.Option("--registry-token")] = None,
-    no_creds: Annotated[bool, typer.Option("--no-creds")] = False,
-    cert_dir: Annotated[str | None, typer.Option("--cert-dir")] = None,
-    tls_verify: Annotated[
-        str | None, typer.Option("--tls-verify", is_flag=False, flag_value="true")
-    ] = None,
-    shared_blob_dir: Annotated[str | None, typer.Option("--shared-blob-dir")] = None,
-    daemon_host: Annotated[str | None, typer.Option("--daemon-host")] = None,
-    decryption_key: Annotated[
-        list[str] | None, typer.Option("--decryption-key")
-    ] = None,
-    stall_timeout: Annotated[
-        float,
-        typer.Option(
-            "--stall-timeout",
-            help="Seconds a blob transfer may make no progress before FinishPipe "
-            "fails it with a retryable error.",
-        ),
-    ] = 60.0,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Where unpacked layers are kept.")
-    ] = None,
-    debug: DebugOpt = False,
-    policy: PolicyOpt = None,
-    insecure_policy: InsecurePolicyOpt = False,
-    override_arch: ArchOpt = None,
-    override_os: OsOpt = None,
-    override_variant: VariantOpt = None,
-    registries_conf: RegistriesConfOpt = None,
-    tmpdir: TmpdirOpt = None,
-    command_timeout: TimeoutOpt = None,
-    user_agent_prefix: AgentOpt = None,
-) -> None:
-    """Serve skopeo's image proxy protocol on an inherited socket."""
-    options = _merged(ctx, locals())
-    _setup_logging(bool(options.get("debug")))
-    if decryption_key:
-        _refuse("--decryption-key", "image-proxy does not decrypt layers yet")
-    if daemon_host:
-        _refuse("--daemon-host", "the docker-daemon: transport is not available")
-    if password and not username:
-        _refuse("--password", "it needs --username")
-    if options.get("registries_conf"):
-        # The docker transport reads registries.conf from this variable; the
-        # flag, as in skopeo, names the file for this process only.
-        os.environ["CONTAINERS_REGISTRIES_CONF"] = str(options["registries_conf"])
-    context = SystemContext(
-        authfile=authfile,
-        creds=creds,
-        username=username,
-        password=password,
-        registry_token=registry_token,
-        no_creds=no_creds,
-        cert_dir=cert_dir,
-        tls_verify=_parse_bool("--tls-verify", tls_verify),
-        user_agent_prefix=options.get("user_agent_prefix"),
-        shared_blob_dir=shared_blob_dir,
-        override_os=options.get("override_os"),
-        override_arch=options.get("override_arch"),
-        override_variant=options.get("override_variant"),
-    )
-    from proxy.server import run_legacy
-
-    try:
-        anyio.run(
-            run_legacy,
-            sockfd,
-            context,
-            options.get("policy"),
-            bool(options.get("insecure_policy")),
-            stall_timeout,
-            cache_dir,
-        )
-    except ImageProxyError as exc:
-        typer.echo(f"image-proxy: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    raise typer.Exit(run([COMMAND, *ctx.args]))
 
 
 TlsVerifyOpt = Annotated[
@@ -365,4 +237,6 @@ def inspect(
 
 
 def main() -> None:
-    app()
+    from proxy.entry import main as entry_main
+
+    entry_main()

@@ -31,7 +31,6 @@ up as a truncated tar or a diffID mismatch, and is refused all the same.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -332,10 +331,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_libc_syncfs = None
-_libc_name = ctypes.util.find_library("c")
-if _libc_name is not None:
-    _libc_syncfs = getattr(ctypes.CDLL(_libc_name, use_errno=True), "syncfs", None)
+# The C library the interpreter already has loaded: find_library("c") would
+# run ldconfig in a subprocess at every start of the proxy.
+_libc_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
 
 
 def _sync_filesystem(build_dir: Path) -> None:

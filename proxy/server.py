@@ -11,7 +11,6 @@ from protocol.image import PlatformWanted
 from proxy.api import ApiShared, serve_api
 from proxy.legacy_server import SessionOptions, serve_legacy
 from proxy.policy import Policy
-from proxy.transports import registry
 from proxy.transports.base import SystemContext
 
 
@@ -33,7 +32,6 @@ def session_options(
     stall_timeout: float,
     cache_dir: Path | None,
 ) -> SessionOptions:
-    registry.load_all()
     policy = Policy.insecure() if insecure_policy else Policy.load(policy_path)
     options = SessionOptions(
         context, policy, stall_timeout=stall_timeout, platform=platform_for(context)

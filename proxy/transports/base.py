@@ -175,6 +175,11 @@ def split_image_name(image_name: str) -> tuple[Transport, str]:
         )
     factory = _transports.get(transport_name)
     if factory is None:
+        from proxy.transports import registry
+
+        if registry.load(transport_name):
+            factory = _transports.get(transport_name)
+    if factory is None:
         raise ClientError(
             f'Invalid image name "{image_name}", unknown transport "{transport_name}"'
         )
