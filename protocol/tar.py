@@ -178,6 +178,11 @@ def whiteout_target(name: str) -> str | None:
     target = base[len(WHITEOUT_PREFIX) :]
     if not target:
         return None
+    if target in (".", ".."):
+        # ".wh.." and ".wh..." would whiteout the directory itself or its
+        # parent: no tool writes them, and honouring them deletes outside the
+        # entry's directory.
+        raise TarFormatError(f"whiteout entry {name!r} names {target!r}, not a file")
     return posixpath.join(parent, target)
 
 

@@ -454,7 +454,14 @@ class _LayerRun:
             # Other .wh..wh. names are aufs bookkeeping, meaningless here.
             self._stats.entries_skipped += 1
             return
-        target_parts = parts[:-1] + (parts[-1][len(_WHITEOUT_PREFIX) :],)
+        target_name = parts[-1][len(_WHITEOUT_PREFIX) :]
+        if target_name in ("", ".", ".."):
+            # whiteout_target refuses these already; this is the last line
+            # before a removal, so it checks again rather than trust it.
+            raise UnsafeEntryError(
+                f"layer entry {entry.name!r} is a whiteout of {target_name!r}"
+            )
+        target_parts = parts[:-1] + (target_name,)
         self._stats.whiteouts += 1
         if target_parts in self._added:
             # Whiteouts hide lower layers only, never their own layer's files.

@@ -595,3 +595,18 @@ def test_truncated_splitfdstream_is_a_source_error(tmp_path: Path) -> None:
     stream = io.BytesIO((-100).to_bytes(8, "little", signed=True) + b"short")
     with pytest.raises(SourceError, match="truncated"):
         LayerApplier(tmp_path).apply(stream, lambda index: -1)
+
+
+@pytest.mark.parametrize("name", ["./.wh...", "./.wh..", "a/.wh...", "a/.wh.."])
+def test_whiteouts_of_dot_and_dot_dot_are_refused_and_delete_nothing(
+    lower: Path, name: str
+) -> None:
+    # A sibling of DEST stands for everything outside it.
+    outside = lower.parent / "precious"
+    outside.write_text("keep me")
+    before = paths(lower)
+    with pytest.raises(SourceError) as caught:
+        LayerApplier(lower).apply_tar(io.BytesIO(tar_of(entry(name))))
+    assert name.lstrip("./") in str(caught.value) or name in str(caught.value)
+    assert outside.read_text() == "keep me"
+    assert paths(lower) == before
