@@ -34,6 +34,18 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"--tls-verify takes true or false, not {text!r}")
 
 
+def _fd_number(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sockfd takes an fd number, not {text!r}"
+        ) from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"--sockfd takes an fd number, not {number}")
+    return number
+
+
 def parser() -> argparse.ArgumentParser:
     parsed = _Parser(
         prog=f"image-proxy {COMMAND}",
@@ -41,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     )
     parsed.add_argument("command", choices=[COMMAND], help=argparse.SUPPRESS)
     add = parsed.add_argument
-    add("--sockfd", type=int, default=0, help="serve on this fd (default 0)")
+    add("--sockfd", type=_fd_number, default=0, help="serve on this fd (default 0)")
     add("--debug", action="store_true", help="log each request to stderr")
     add("--policy", help="signature policy file")
     add("--insecure-policy", action="store_true", help="skip the policy check")

@@ -229,3 +229,25 @@ def test_pull_and_inspect_pass_registry_flags_to_the_proxy(
 def _index_top_digest(layout: Path) -> str:
     index = json.loads((layout / "index.json").read_text())
     return str(index["manifests"][0]["digest"])
+
+
+def test_a_negative_sockfd_is_refused_without_a_traceback() -> None:
+    result = subprocess.run(
+        [*PROXY, "experimental-image-proxy", "--sockfd", "-3"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--sockfd" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_an_image_name_with_a_nul_byte_is_a_client_error() -> None:
+    process, sock = _spawn("experimental-image-proxy")
+    _call(sock, "Initialize")
+    reply = _call(sock, "OpenImage", "oci:/tmp/x\u0000y")
+    assert reply["success"] is False
+    assert "NUL" in reply["error"]
+    assert _call(sock, "CloseImage", 1)["error"] == "no image 1"
+    _shutdown(process, sock)

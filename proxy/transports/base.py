@@ -167,6 +167,10 @@ def register(name: str, factory: Callable[[], Transport]) -> None:
 
 def split_image_name(image_name: str) -> tuple[Transport, str]:
     """Find the transport of ``transport:reference``; errors read as skopeo's."""
+    if "\x00" in image_name:
+        # No path or registry name can hold one; the OS would refuse it later
+        # with a less helpful error.
+        raise ClientError(f"Invalid image name {image_name!r}: it contains a NUL byte")
     transport_name, separator, reference = image_name.partition(":")
     if not separator:
         raise ClientError(

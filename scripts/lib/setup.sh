@@ -27,6 +27,9 @@ ensure_debian_packages() {
 prepare_venv() {
     local extras=${1:-} python=${PYTHON:-python3} stamp spec=.
     [[ -n $extras ]] && spec=".[$extras]"
+    # scripts/demo and scripts/test share the venv: one builds it at a time.
+    exec {venv_lock}>.venv.lock
+    flock "$venv_lock"
     if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
         rm -rf .venv
         "$python" -m venv .venv
