@@ -455,8 +455,9 @@ async def _answer(sock: socket.socket, session: LegacySession, packet: bytes) ->
         reply = legacy.encode_error(
             ImageProxyError(f"internal error in {method}: {exc}")
         )
+    succeeded = legacy.is_success(reply)
     try:
-        if not legacy.is_success(reply):
+        if not succeeded:
             # An error reply (perhaps one that replaced a too-large success)
             # carries no fds.
             close_all(outcome.fds)
@@ -464,13 +465,14 @@ async def _answer(sock: socket.socket, session: LegacySession, packet: bytes) ->
         await send_packet(sock, reply, outcome.fds)
     finally:
         close_all(outcome.fds)
-    log.debug(
-        "%s %s -> %s in %.2f ms",
-        method,
-        _summary(packet),
-        "ok" if legacy.is_success(reply) else "error",
-        (time.monotonic() - started) * 1000,
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s %s -> %s in %.2f ms",
+            method,
+            _summary(packet),
+            "ok" if succeeded else "error",
+            (time.monotonic() - started) * 1000,
+        )
     return True
 
 
