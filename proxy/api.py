@@ -8,6 +8,12 @@ server keeps only their paths and opens a window of at most
 ``MAX_FD_WINDOW`` files per reply; a process-wide :class:`FdBudget` caps the
 content fds held by replies not yet sent, so many concurrent requests wait
 instead of running the process out of descriptors.
+
+GetBlob transfers: a connection may have at most ``MAX_UNFINISHED_BLOBS``
+transfers whose worker has not finished (each holds a thread, a 1 MiB buffer
+and two pipe ends); one more is refused. A transfer that makes no progress
+for the session's ``stall_timeout`` is cancelled and its error fd says so,
+so a client that never reads its pipes cannot hold threads for ever.
 """
 
 from __future__ import annotations
@@ -40,13 +46,23 @@ from proxy.fdsocket import FdSocket
 from proxy.image import OpenedImage, ResolvedImage
 from proxy.layercache import CachedLayer, LayerCache
 from proxy.legacy_server import SessionOptions, open_image
-from proxy.pipes import Progress, copy_raw, copy_verified, make_pipe, run_with_error_fd
+from proxy.pipes import (
+    Progress,
+    copy_raw,
+    copy_verified,
+    make_pipe,
+    run_transfer,
+    run_with_error_fd,
+)
 from proxy.rpc_server import Reply, RpcServer
 from proxy.transports.base import LayerStream
 
 log = logging.getLogger("image-proxy")
 
 SERVER_NAME = "image-proxy"
+
+#: GetBlob transfers one connection may have unfinished at once.
+MAX_UNFINISHED_BLOBS = 64
 
 P = TypeVar("P", bound=msgspec.Struct)
 
@@ -221,6 +237,8 @@ class ApiSession:
         self._last_image_id = 0
         self._streams: dict[int, LayerStream] = {}
         self._last_stream_id = 0
+        #: Progress of each GetBlob transfer whose worker has not finished.
+        self._transfers: set[Progress] = set()
 
     def register(self, server: RpcServer) -> None:
         def add(
@@ -362,21 +380,70 @@ class ApiSession:
     async def get_blob(self, params: api.GetBlobParams) -> Reply:
         image = self._image(params.image_id)
         digest = Digest(params.digest)
-        blob = await anyio.to_thread.run_sync(image.source.open_blob, digest)
-        data_read, data_write = make_pipe()
-        error_read, error_write = os.pipe2(os.O_CLOEXEC)
+        if len(self._transfers) >= MAX_UNFINISHED_BLOBS:
+            raise ClientError(
+                f"{MAX_UNFINISHED_BLOBS} GetBlob transfers are unfinished on this"
+                " connection: read their pipes to the end before asking for more"
+            )
+        # Counted from here, so concurrent calls cannot all pass the check
+        # while this one waits for its blob.
         progress = Progress()
+        self._transfers.add(progress)
+        try:
+            blob = await anyio.to_thread.run_sync(image.source.open_blob, digest)
+        except BaseException:
+            self._transfers.discard(progress)
+            raise
+        try:
+            data_read, data_write = make_pipe()
+            try:
+                error_read, error_write = os.pipe2(os.O_CLOEXEC)
+            except BaseException:
+                os.close(data_read)
+                os.close(data_write)
+                raise
+        except BaseException:
+            self._transfers.discard(progress)
+            blob.close()
+            raise
         if params.verify:
             work: Callable[[], None] = lambda: copy_verified(  # noqa: E731
                 blob, digest, None if blob.size < 0 else blob.size, data_write, progress
             )
         else:
             work = lambda: copy_raw(blob, data_write, progress)  # noqa: E731
+        timeout = self._shared.options.stall_timeout
+
+        def discard() -> None:
+            blob.close()
+            os.close(data_write)
+            os.close(error_write)
+
         self._tg.start_soon(
-            _run_in_thread,
-            lambda: run_with_error_fd(work, blob, data_write, error_write, _blob_error),
+            self._transfer,
+            lambda: run_with_error_fd(
+                work, blob, data_write, error_write, _blob_error, timeout
+            ),
+            progress,
+            discard,
         )
         return Reply(api.GetBlobResult(size=blob.size), [data_read, error_read])
+
+    async def _transfer(
+        self,
+        work: Callable[[], None],
+        progress: Progress,
+        discard: Callable[[], None],
+    ) -> None:
+        try:
+            await run_transfer(
+                work,
+                progress=progress,
+                stall_timeout=self._shared.options.stall_timeout,
+                discard=discard,
+            )
+        finally:
+            self._transfers.discard(progress)
 
     # -- splitfdstreams -----------------------------------------------------------
 
@@ -447,6 +514,10 @@ class ApiSession:
         return stream
 
     async def close(self) -> None:
+        # Workers end at their next write instead of filling pipes nobody
+        # will read.
+        for progress in self._transfers:
+            progress.cancelled.set()
         for image in self._images.values():
             await image.close()
         self._images.clear()
@@ -527,10 +598,6 @@ class CachedLayerStream(LayerStream):
 def _blob_error(error: BaseException) -> bytes:
     kind = error.kind if isinstance(error, ImageProxyError) else "internal"
     return msgspec.json.encode(api.BlobError(kind=kind, message=str(error)))
-
-
-async def _run_in_thread(work: Callable[[], None]) -> None:
-    await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
 
 
 def _rpc_error(exc: ImageProxyError) -> RpcError:

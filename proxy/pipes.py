@@ -9,6 +9,16 @@ worker refreshes after every write; nothing else is shared with the loop.
 Memory per transfer is one buffer of ``CHUNK_SIZE`` bytes. Pipes are enlarged
 to ``PIPE_SIZE`` (when the kernel allows) to cut context switches between the
 worker and the reading client.
+
+Threads: transfers run under their own limiter (:func:`run_transfer`, at most
+``MAX_TRANSFER_THREADS`` at once in a process), never under anyio's default
+one. A transfer can block for as long as its client does not read, so
+sharing the default limiter let one client that stops reading take every
+thread and starve the short blocking calls (opening a blob, reading a
+manifest) of all other clients. A transfer given a ``stall_timeout`` is
+cancelled by a watchdog once it has made no progress for that long; a worker
+blocked inside a source's read notices only when that read returns, which the
+transports' own timeouts bound.
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import anyio
+from anyio.lowlevel import RunVar
+
 from protocol.errors import DigestMismatchError, RetryableError
 from protocol.image import Digest
 from proxy.transports.base import Blob
@@ -27,6 +40,13 @@ from proxy.transports.base import Blob
 CHUNK_SIZE = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 _POLL_SLICE_MS = 200
+
+#: Transfer threads a process runs at once; the rest wait for a thread. Each
+#: connection bounds its own unfinished transfers far below this, so one
+#: client cannot take them all.
+MAX_TRANSFER_THREADS = 512
+
+_transfer_limiter: RunVar[anyio.CapacityLimiter] = RunVar("transfer_limiter")
 
 
 class Cancelled(Exception):
@@ -169,16 +189,21 @@ def run_with_error_fd(
     data_fd: int,
     error_fd: int,
     encode_error: Callable[[BaseException], bytes],
+    stall_timeout: float | None = None,
 ) -> None:
     """Run a transfer that reports failure on ``error_fd``, then close all.
 
     This is GetRawBlob's contract (and the new API's GetBlob): the client
     reads data to EOF, then the error fd to EOF; an empty error means success.
-    A client that closed its data end (EPIPE) is not told anything.
+    A client that closed its data end (EPIPE) is not told anything. A transfer
+    cancelled by the watchdog of :func:`run_transfer` is reported as the
+    retryable stall error of ``stall_timeout``.
     """
     progress = Progress()
     try:
         error = run_guarded(work)
+        if isinstance(error, Cancelled) and stall_timeout is not None:
+            error = stall_error(stall_timeout)
         if error is not None and not isinstance(error, BrokenPipeError):
             message = memoryview(encode_error(error))
             os.set_blocking(error_fd, False)
@@ -191,3 +216,78 @@ def run_with_error_fd(
 
 def stall_error(seconds: float) -> RetryableError:
     return RetryableError(f"blob transfer made no progress for {seconds:.0f} seconds")
+
+
+def transfer_limiter() -> anyio.CapacityLimiter:
+    """The event loop's limiter for transfer threads, made on first use."""
+    try:
+        return _transfer_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(MAX_TRANSFER_THREADS)
+        _transfer_limiter.set(limiter)
+        return limiter
+
+
+async def run_transfer(
+    work: Callable[[], None],
+    *,
+    progress: Progress | None = None,
+    stall_timeout: float | None = None,
+    discard: Callable[[], None] | None = None,
+) -> None:
+    """Run a blocking transfer in a thread of the transfer limiter.
+
+    With ``progress`` and ``stall_timeout``, a watchdog sets
+    ``progress.cancelled`` once the transfer has made no progress for
+    ``stall_timeout`` seconds, so that ``work`` raises :class:`Cancelled` at
+    its next write. Cancelling the caller abandons the thread, which then
+    ends at its next write or poll slice (set ``progress.cancelled`` to make
+    it stop there). When the caller is cancelled before ``work`` started,
+    ``work`` never runs and ``discard`` is called instead, to release what
+    ``work`` would have closed.
+    """
+    claim = _Claim()
+
+    def run() -> None:
+        if claim.take():
+            work()
+
+    limiter = transfer_limiter()
+    try:
+        if progress is None or stall_timeout is None:
+            await anyio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=limiter)
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch, progress, stall_timeout)
+            try:
+                await anyio.to_thread.run_sync(
+                    run, abandon_on_cancel=True, limiter=limiter
+                )
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        if discard is not None and claim.take():
+            discard()
+
+
+class _Claim:
+    """Decides once, across threads, whether the worker or the loop owns a job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._taken:
+                return False
+            self._taken = True
+            return True
+
+
+async def _watch(progress: Progress, stall_timeout: float) -> None:
+    # Checking once a second (or faster for short timeouts) keeps the
+    # overshoot under a second at the cost of one timer per transfer.
+    while progress.idle_seconds() <= stall_timeout:
+        await anyio.sleep(min(1.0, stall_timeout / 2))
+    progress.cancelled.set()

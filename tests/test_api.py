@@ -693,3 +693,124 @@ async def test_no_fd_is_leaked_by_a_session_of_many_calls(
         assert open_fd_count(pid) == baseline
         assert open_fd_count() == ours_baseline
     assert open_fd_count() == ours_before
+
+
+# --- GetBlob transfers nobody reads ---------------------------------------------------
+
+# Bounds for waits that only end if the proxy works; never asserted on.
+GENEROUS = 60
+# A blob several times the proxy's 1 MiB pipes: a transfer nobody reads stalls.
+BIG_BLOB_SIZE = 4 << 20
+# The per-connection bound the API documents for unfinished GetBlob transfers.
+UNFINISHED_BLOB_LIMIT = 64
+
+
+def _layout_with_a_big_blob(root: Path) -> tuple[str, str, bytes]:
+    """An image whose layout also holds a big blob: (reference, digest, bytes)."""
+    writer = OCILayoutWriter(root)
+    layer = writer.add_layer([TarEntry("hello", "file", b"hello\n")])
+    writer.add_image([layer], ref_name="latest")
+    data = os.urandom(BIG_BLOB_SIZE)
+    descriptor = writer.add_blob(data)
+    return f"oci:{root}:latest", descriptor.digest, data
+
+
+async def _wait_for_fd_count(pid: int, expected: int) -> None:
+    while open_fd_count(pid) != expected:
+        await anyio.sleep(0.05)
+
+
+async def test_get_blob_refuses_transfers_past_the_per_connection_limit(
+    tmp_path: Path,
+) -> None:
+    reference, digest, _ = _layout_with_a_big_blob(tmp_path / "layout")
+    held: list[int] = []
+    refused: list[RpcError] = []
+    async with api_session() as (proxy, rpc):
+        pid = proxy.process.pid
+        baseline = open_fd_count(pid)
+        image_id = await rpc.open_image(reference)
+        assert image_id is not None
+
+        async def get_blob() -> None:
+            try:
+                _, data_fd, error_fd = await rpc.get_blob(image_id, digest)
+            except RpcError as exc:
+                refused.append(exc)
+            else:
+                held.extend([data_fd, error_fd])
+
+        try:
+            with anyio.fail_after(GENEROUS):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(UNFINISHED_BLOB_LIMIT + 6):
+                        tg.start_soon(get_blob)
+        finally:
+            # Closing the read ends ends every transfer with EPIPE.
+            close_fds(held)
+        assert len(held) == 2 * UNFINISHED_BLOB_LIMIT
+        assert len(refused) == 6
+        for error in refused:
+            assert error.data["kind"] == "invalid-argument"
+            assert str(UNFINISHED_BLOB_LIMIT) in error.message
+        await rpc.close_image(image_id)
+        with anyio.fail_after(GENEROUS):
+            await _wait_for_fd_count(pid, baseline)
+
+
+async def test_a_connection_that_never_reads_its_blobs_does_not_stall_another(
+    tmp_path: Path,
+) -> None:
+    reference, digest, data = _layout_with_a_big_blob(tmp_path / "layout")
+    args = ["--insecure-policy", "--stall-timeout", "2"]
+    async with ProxyProcess.spawn(args) as proxy:
+        await proxy.legacy.initialize()
+        flooder = await proxy.legacy.open_rpc()
+        reader = await proxy.legacy.open_rpc()
+        held: list[tuple[int, int]] = []
+        try:
+            await flooder.initialize()
+            await reader.initialize()
+            pid = proxy.process.pid
+            baseline = open_fd_count(pid)
+            flood_id = await flooder.open_image(reference)
+            reader_id = await reader.open_image(reference)
+            assert flood_id is not None and reader_id is not None
+
+            async def flood() -> None:
+                _, data_fd, error_fd = await flooder.get_blob(flood_id, digest)
+                held.append((data_fd, error_fd))
+
+            with anyio.fail_after(GENEROUS):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(UNFINISHED_BLOB_LIMIT):
+                        tg.start_soon(flood)
+                # Every transfer of the flooder now waits for a reader that
+                # never comes; the other connection is served all the same.
+                _, data_fd, error_fd = await reader.get_blob(
+                    reader_id, digest, verify=True
+                )
+                received = await anyio.to_thread.run_sync(read_fd, data_fd)
+                assert read_fd(error_fd) == b""
+            assert sha256_of(received) == digest
+            assert received == data
+
+            # The flooder's transfers are given up once idle for 2 seconds.
+            with anyio.fail_after(GENEROUS):
+                for _, error_fd in held:
+                    report = await anyio.to_thread.run_sync(read_fd, error_fd)
+                    error = json.loads(report)
+                    assert error["kind"] == "retryable"
+                    assert "no progress for 2 seconds" in error["message"]
+            for data_fd, _ in held:
+                os.close(data_fd)
+            held.clear()
+            await flooder.close_image(flood_id)
+            await reader.close_image(reader_id)
+            with anyio.fail_after(GENEROUS):
+                await _wait_for_fd_count(pid, baseline)
+        finally:
+            for data_fd, error_fd in held:
+                close_fds([data_fd, error_fd])
+            await flooder.aclose()
+            await reader.aclose()
