@@ -379,6 +379,96 @@ async def test_too_many_unfinished_pipes_are_refused_until_finished(
             os.close(fd)
 
 
+# --- files that are not regular files -------------------------------------------------
+
+
+def _copy_layout(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+def _dir_image(layout: Path, dest: Path) -> Path:
+    """skopeo's ``dir:`` format, written by hand from an OCI layout: the
+    manifest as ``manifest.json``, each blob as its hex digest."""
+    dest.mkdir()
+    manifest = image_manifest_descriptor(layout)["digest"]
+    shutil.copyfile(blob_path(layout, manifest), dest / "manifest.json")
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        shutil.copyfile(blob, dest / blob.name)
+    (dest / "version").write_text("Directory Transport Version: 1.1\n")
+    return dest
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("transport", ["oci", "dir"])
+async def test_a_fifo_in_place_of_a_blob_is_refused_naming_its_path(
+    test_images: ImageSet, tmp_path: Path, transport: str
+) -> None:
+    layout = test_images["basic"].path
+    (layer,) = layers_of(layout)
+    if transport == "oci":
+        root = _copy_layout(layout, tmp_path / "layout")
+        fifo = blob_path(root, layer["digest"])
+        reference = f"oci:{root}:latest"
+    else:
+        root = _dir_image(layout, tmp_path / "dir")
+        fifo = root / layer["digest"].partition(":")[2]
+        reference = f"dir:{root}"
+    _replace_with_fifo(fifo)
+    async with initialized_proxy() as proxy:
+        image_id = await open_image(proxy.legacy, reference)
+        for method, args in (
+            ("GetRawBlob", (layer["digest"],)),
+            ("GetBlob", (layer["digest"], layer["size"])),
+        ):
+            call = await record(proxy.legacy, method, image_id, *args)
+            assert not call.success, method
+            assert str(fifo) in call.error
+            assert "not a regular file" in call.error
+        await assert_still_serving(proxy.legacy, test_images["basic"].reference)
+
+
+@pytest.mark.parametrize("transport", ["oci", "dir"])
+async def test_a_fifo_in_place_of_the_index_or_manifest_fails_open_image(
+    test_images: ImageSet, tmp_path: Path, transport: str
+) -> None:
+    layout = test_images["basic"].path
+    if transport == "oci":
+        root = _copy_layout(layout, tmp_path / "layout")
+        fifo = root / "index.json"
+        reference = f"oci:{root}:latest"
+    else:
+        root = _dir_image(layout, tmp_path / "dir")
+        fifo = root / "manifest.json"
+        reference = f"dir:{root}"
+    _replace_with_fifo(fifo)
+    async with initialized_proxy() as proxy:
+        for method in ("OpenImage", "OpenImageOptional"):
+            call = await record(proxy.legacy, method, reference)
+            assert not call.success, method
+            assert str(fifo) in call.error
+            assert "not a regular file" in call.error
+        await assert_still_serving(proxy.legacy, test_images["basic"].reference)
+
+
+async def test_a_fifo_as_the_archive_of_either_archive_transport_fails_open_image(
+    test_images: ImageSet, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "image.tar"
+    os.mkfifo(fifo)
+    async with initialized_proxy() as proxy:
+        for transport in ("oci-archive", "docker-archive"):
+            call = await record(proxy.legacy, "OpenImage", f"{transport}:{fifo}")
+            assert not call.success, transport
+            assert str(fifo) in call.error
+            assert "not a regular file" in call.error
+        await assert_still_serving(proxy.legacy, test_images["basic"].reference)
+
+
 # --- framing ---------------------------------------------------------------------
 
 

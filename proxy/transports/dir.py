@@ -19,7 +19,6 @@ with the same text, and OpenImageOptional answers 0 when it is missing.
 from __future__ import annotations
 
 import os
-import stat
 from typing import BinaryIO, cast
 
 import anyio
@@ -28,7 +27,7 @@ from protocol.errors import ClientError, NotFoundError, SourceError
 from protocol.image import Digest, guess_media_type
 from proxy.policy import path_scopes
 from proxy.transports.base import Blob, ImageSource, SystemContext, Transport, register
-from proxy.transports.oci_archive import go_open_error
+from proxy.transports.oci_layout import open_regular_file
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
@@ -72,11 +71,11 @@ class DirectorySource(ImageSource):
         """Open DIR/filename, refusing anything that resolves outside DIR."""
         path = os.path.join(self._root, filename)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError as exc:
-            raise NotFoundError(go_open_error(exc, path)) from None
-        except OSError as exc:
-            raise SourceError(go_open_error(exc, path)) from None
+            fd, info = open_regular_file(path)
+        except NotFoundError:
+            raise
+        except SourceError as exc:
+            raise SourceError(f"{self.name}: {exc}") from None
         try:
             opened = os.readlink(f"/proc/self/fd/{fd}")
             if os.path.dirname(opened) != self._real_root:
@@ -84,9 +83,6 @@ class DirectorySource(ImageSource):
                     f"{filename} in {self.name} resolves to {opened}, outside "
                     "the directory: refused"
                 )
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SourceError(f"{filename} in {self.name} is not a regular file")
         except BaseException:
             os.close(fd)
             raise

@@ -44,7 +44,11 @@ from protocol.errors import ClientError, NotFoundError, SourceError
 from protocol.image import Digest, parse_index
 from proxy.policy import path_scopes
 from proxy.transports.base import Blob, ImageSource, SystemContext, Transport, register
-from proxy.transports.oci_layout import OCILayoutSource, split_path_and_ref
+from proxy.transports.oci_layout import (
+    OCILayoutSource,
+    open_regular_file,
+    split_path_and_ref,
+)
 
 #: Symbolic links followed inside an archive before giving up (Linux's limit).
 MAX_LINK_HOPS = 40
@@ -86,12 +90,6 @@ def decompressing_reader(raw: BinaryIO, compression: str) -> BinaryIO:
     if compression == "xz":
         return cast(BinaryIO, lzma.LZMAFile(raw))
     return cast(BinaryIO, bz2.BZ2File(raw))
-
-
-def go_open_error(exc: OSError, path: str) -> str:
-    """Word an OSError as Go's os package does: ``open PATH: reason``."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return f"open {path}: {reason[0].lower()}{reason[1:]}"
 
 
 class RangeReader(io.RawIOBase):
@@ -165,12 +163,7 @@ class TarArchive:
         :raises NotFoundError: there is no file at ``path``.
         :raises SourceError: it cannot be read or is not a tar archive.
         """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError as exc:
-            raise NotFoundError(go_open_error(exc, path)) from None
-        except OSError as exc:
-            raise SourceError(go_open_error(exc, path)) from None
+        fd, _ = open_regular_file(path)
         try:
             compression = sniff_compression(os.pread(fd, 8, 0))
             if compression is not None:

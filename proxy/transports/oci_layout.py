@@ -44,6 +44,51 @@ def _os_error_text(exc: OSError, path: str) -> str:
     return f"open {path}: {reason[0].lower()}{reason[1:]}"
 
 
+def open_regular_file(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    The open itself never blocks: a FIFO (or a device) put where a blob or an
+    index should be would otherwise wait for ever for a writer, holding a
+    worker thread. It is opened non-blocking, checked with ``fstat``, and only
+    a regular file is switched back to blocking reads.
+
+    :returns: the fd (close-on-exec, the caller owns it) and its ``fstat``.
+    :raises NotFoundError: nothing is at ``path``.
+    :raises SourceError: it cannot be opened or is not a regular file.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise NotFoundError(_os_error_text(exc, path)) from None
+    except OSError as exc:
+        raise SourceError(_os_error_text(exc, path)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceError(
+                f"{path} is {_file_kind(info.st_mode)}, not a regular file: refused"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def _check_parent_exists(path: str) -> None:
     """Fail as containers/image does when a directory above ``path`` is missing.
 
@@ -133,11 +178,11 @@ class OCILayoutSource(ImageSource):
     def open_blob(self, digest: Digest) -> Blob:
         path = os.path.join(self._blobs, digest.algorithm, digest.hex)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError as exc:
-            raise NotFoundError(_os_error_text(exc, path)) from None
-        except OSError as exc:
-            raise SourceError(_os_error_text(exc, path)) from None
+            fd, info = open_regular_file(path)
+        except NotFoundError:
+            raise
+        except SourceError as exc:
+            raise SourceError(f"blob {digest} in {self.name}: {exc}") from None
         try:
             opened = os.readlink(f"/proc/self/fd/{fd}")
             if not opened.startswith(self._real_blobs + os.sep):
@@ -145,9 +190,6 @@ class OCILayoutSource(ImageSource):
                     f"blob {digest} in {self.name} resolves to {opened}, "
                     "outside the layout's blobs: refused"
                 )
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SourceError(f"blob {digest} in {self.name} is not a regular file")
             reader = cast(BinaryIO, os.fdopen(fd, "rb", buffering=0))
         except BaseException:
             os.close(fd)
@@ -164,16 +206,25 @@ class OCILayoutTransport(Transport):
             raise ClientError(f'Invalid image name "oci:{reference}": empty path')
         _check_parent_exists(root)
         index_path = os.path.join(root, "index.json")
-        try:
-            raw = await anyio.Path(index_path).read_bytes()
-        except OSError as exc:
-            # A missing directory is not "image not found" for skopeo either:
-            # OpenImageOptional reports it as an error, verbatim.
-            raise SourceError(_os_error_text(exc, index_path)) from None
+        raw = await anyio.to_thread.run_sync(_read_index, index_path)
         index = parse_index(raw)
         return OCILayoutSource(
             f"oci:{reference}", root, ref, index, context.shared_blob_dir
         )
+
+
+def _read_index(index_path: str) -> bytes:
+    try:
+        fd, _ = open_regular_file(index_path)
+    except NotFoundError as exc:
+        # A missing directory is not "image not found" for skopeo either:
+        # OpenImageOptional reports it as an error, verbatim.
+        raise SourceError(str(exc)) from None
+    with os.fdopen(fd, "rb") as reader:
+        try:
+            return reader.read()
+        except OSError as exc:
+            raise SourceError(f"read {index_path}: {exc.strerror}") from None
 
 
 register("oci", OCILayoutTransport)
