@@ -4,12 +4,12 @@
 # prefix, and a FIFO of fds that arrive as SCM_RIGHTS alongside the bytes.
 # A message carrying N fds says so with a top-level "fds": N.
 #
-# Strategy of the framer: a byte scanner keeps its state (brace depth,
+# Strategy of the framer: a byte scanner keeps its state (nesting depth,
 # inside-a-string, after-a-backslash, position) between feeds, so every byte
 # is examined once: O(n) in bytes received however the stream is chunked.
-# Inside an object it only looks for the three bytes that can change that
-# state ('{', '}', '"'; inside a string '"' and '\'), letting `re` skip the
-# rest at C speed. UTF-8 continuation bytes are never ASCII, so scanning
+# Inside an object it only looks for the bytes that can change that state
+# ('{', '}', '[', ']', '"'; inside a string '"' and '\'), letting `re` skip
+# the rest at C speed. UTF-8 continuation bytes are never ASCII, so scanning
 # bytes is safe. When the brace depth returns to 0 the object is complete and
 # msgspec decodes it (another O(message) pass, which also catches syntax
 # errors the scanner does not look for). Consumed bytes are dropped from the
@@ -18,10 +18,23 @@
 #
 # Bounds: at most `max_message_size` bytes of one message are buffered; a
 # longer message is a fatal error, so a peer cannot make us buffer forever.
-# Whitespace between messages is discarded as it is scanned. The fd FIFO is
-# bounded by the kernel (the process's open-file limit), not here. A syntax
-# error inside an object is reported when the object closes (or hits the
-# size bound), not at the offending byte.
+# Objects and arrays nest at most MAX_NESTING_DEPTH levels, checked by the
+# scanner before msgspec sees the message, because msgspec's decoder
+# recurses once per level and would exhaust the interpreter's stack.
+# Whitespace between messages is discarded as it is scanned. A syntax error
+# inside an object is reported when the object closes (or hits the size or
+# depth bound), not at the offending byte.
+#
+# Fds: each queued fd remembers the stream offset at which the recvmsg chunk
+# it came with ended. The spec sends a message's fds with its first byte and
+# the rest in continuation calls before the next message's first byte, so an
+# fd left over once a message has taken its count, whose chunk ended before
+# the next message began, was announced by no message: a fatal mismatched
+# count. The check works at chunk granularity: an unannounced fd that shares
+# a chunk with the next message's first byte cannot be told from that
+# message's own fds, and is caught only if the count then comes out wrong.
+# At most MAX_QUEUED_FDS fds are queued at once; more is fatal, so a peer
+# cannot make us hold an unbounded number of open files.
 #
 # This module never opens or closes an fd: fds are plain ints, handed back to
 # the caller with their message or by `MessageFramer.close`.
@@ -54,6 +67,11 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024 * 1024
 # The spec recommends 200 to 500 fds per sendmsg; Linux refuses more than 253
 # (SCM_MAX_FD) with EINVAL, and the sender halves the batch when it sees that.
 DEFAULT_FD_BATCH: Final = 250
+#: Deepest nesting of objects and arrays accepted in one message (the
+#: message object itself is level 1). The API's messages need a handful.
+MAX_NESTING_DEPTH: Final = 128
+#: Most fds the framer holds while they wait for their message.
+MAX_QUEUED_FDS: Final = 4096
 
 RequestId = int | str | None
 
@@ -235,10 +253,10 @@ _ID_DECODER: Final = msgspec.json.Decoder(RequestId)
 _FD_COUNT_DECODER: Final = msgspec.json.Decoder(Annotated[int, msgspec.Meta(ge=0)])
 
 _WHITESPACE: Final = re.compile(rb"[ \t\n\r]*")
-_OBJECT_SPECIAL: Final = re.compile(rb'[{}"]')
+_OBJECT_SPECIAL: Final = re.compile(rb'[{}[\]"]')
 _STRING_SPECIAL: Final = re.compile(rb'["\\]')
 _OPEN_BRACE: Final = ord("{")
-_CLOSE_BRACE: Final = ord("}")
+_OPEN_BRACKET: Final = ord("[")
 _QUOTE: Final = ord('"')
 # Compact the buffer once this much has been consumed even if it is less
 # than half of it, so a long idle tail does not pin a large prefix.
@@ -256,7 +274,8 @@ class MessageFramer:
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self._max_message_size = max_message_size
         self._buffer = bytearray()
-        self._fds: deque[int] = deque()
+        # Each fd with the stream offset at which its recvmsg chunk ended.
+        self._fds: deque[tuple[int, int]] = deque()
         self._pos = 0  # first byte not yet scanned
         self._start = 0  # first byte of the message being scanned
         self._consumed = 0  # bytes before this offset are no longer needed
@@ -279,19 +298,30 @@ class MessageFramer:
         return len(self._fds)
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
-        """Append what one recvmsg returned. The framer now holds ``fds``."""
-        self._fds.extend(fds)
+        """Append what one recvmsg returned. The framer now holds ``fds``.
+
+        Raises FramingError after an earlier fatal error, or when more than
+        MAX_QUEUED_FDS fds would be waiting for their messages.
+        """
+        chunk_end = self._received_bytes + len(data)
+        self._fds.extend((fd, chunk_end) for fd in fds)
         self._raise_if_failed()
         self._compact()
         self._buffer += data
-        self._received_bytes += len(data)
+        self._received_bytes = chunk_end
+        if len(self._fds) > MAX_QUEUED_FDS:
+            self._fail(
+                f"the peer sent {len(self._fds)} fds that no message has taken "
+                f"yet, more than the {MAX_QUEUED_FDS} we hold for a connection"
+            )
 
     def next_message(self) -> tuple[Message, list[int]] | None:
         """The next complete message and its fds (the caller now owns them).
 
         Returns None until more data or fds arrive. Raises FramingError on a
-        syntax error, a stray byte between messages, an oversized message,
-        or bytes of a message arriving before the previous one's fds.
+        syntax error, a stray byte between messages, an oversized or too
+        deeply nested message, bytes of a message arriving before the
+        previous one's fds, or fds that no message announced.
         """
         self._raise_if_failed()
         try:
@@ -324,7 +354,7 @@ class MessageFramer:
 
     def close(self) -> list[int]:
         """Drop all state; return the fds still queued so the caller closes them."""
-        fds = list(self._fds)
+        fds = [fd for fd, _ in self._fds]
         self._fds.clear()
         self._buffer.clear()
         self._pending = None
@@ -340,6 +370,7 @@ class MessageFramer:
             document = bytes(self._buffer[self._start : end])
             self._consumed = end
             self._pending = _decode(document)
+            self._check_fd_count(self._pending[1])
         message, fd_count = self._pending
         if len(self._fds) < fd_count:
             if self._next_message_started():
@@ -349,14 +380,44 @@ class MessageFramer:
                     f"the previous one announced"
                 )
             return None
+        # Before handing the message out: extra fds sent with it mean its
+        # count is wrong, and then so may be the fds it would take.
+        self._fail_on_unannounced_fds(fd_count)
         self._pending = None
-        return message, [self._fds.popleft() for _ in range(fd_count)]
+        return message, [self._fds.popleft()[0] for _ in range(fd_count)]
+
+    def _check_fd_count(self, fd_count: int) -> None:
+        if fd_count > MAX_QUEUED_FDS:
+            self._fail(
+                f"the peer announced {fd_count} fds for one message, more than "
+                f"the {MAX_QUEUED_FDS} we hold for a connection"
+            )
+
+    def _fail_on_unannounced_fds(self, claimed: int) -> None:
+        """Fail if an fd after the first ``claimed`` was announced by no message.
+
+        Called between messages. An fd whose chunk ended before the next
+        message's first byte cannot have travelled with that message.
+        """
+        if len(self._fds) <= claimed:
+            return
+        self._skip_whitespace()
+        next_start = self._stream_offset(self._pos)
+        if self._fds[claimed][1] > next_start:
+            return
+        # Chunk ends only grow along the queue, so these are a prefix of it.
+        unannounced = sum(1 for _, end in self._fds if end <= next_start) - claimed
+        self._fail(
+            f"mismatched fd count: the peer sent {unannounced} fds that no "
+            f"message announced, with bytes before stream offset {next_start}"
+        )
 
     def _scan(self) -> int | None:
         """Advance over unscanned bytes; the end offset of a complete message."""
         buffer, end = self._buffer, len(self._buffer)
         while self._pos < end:
             if self._depth == 0:
+                self._fail_on_unannounced_fds(0)
                 if not self._next_message_started():
                     break
                 self._start = self._pos
@@ -386,7 +447,7 @@ class MessageFramer:
             self._advance(found.end())
 
     def _scan_object(self, buffer: bytearray, end: int) -> bool:
-        """Scan up to the next structural byte; True when the object closed."""
+        """Scan up to the next structural byte; True when the message closed."""
         found = _OBJECT_SPECIAL.search(buffer, self._pos)
         if found is None:
             self._advance(end)
@@ -395,9 +456,17 @@ class MessageFramer:
         byte = buffer[found.start()]
         if byte == _QUOTE:
             self._in_string = True
-        elif byte == _OPEN_BRACE:
+        elif byte in (_OPEN_BRACE, _OPEN_BRACKET):
             self._depth += 1
+            if self._depth > MAX_NESTING_DEPTH:
+                offset = self._stream_offset(found.start())
+                self._fail(
+                    f"the peer sent a message nested more than "
+                    f"{MAX_NESTING_DEPTH} levels deep (at stream offset {offset})"
+                )
         else:
+            # A '}' closing a '[' (or the reverse) is left to msgspec,
+            # which rejects the message as malformed.
             self._depth -= 1
         return self._depth == 0
 
@@ -406,20 +475,28 @@ class MessageFramer:
 
         Any other byte there is a framing error.
         """
-        skipped = _WHITESPACE.match(self._buffer, self._pos)
-        assert skipped is not None  # the pattern matches the empty string
-        self._advance(skipped.end())
-        self._consumed = self._pos
+        self._skip_whitespace()
         if self._pos == len(self._buffer):
             return False
         byte = self._buffer[self._pos]
         if byte != _OPEN_BRACE:
-            offset = self._received_bytes - (len(self._buffer) - self._pos)
+            batch = " (JSON-RPC batches are not supported)"
             self._fail(
-                f"the peer sent byte {byte:#04x} at stream offset {offset} where "
-                f"a message must start with '{{'"
+                f"the peer sent byte {byte:#04x} at stream offset "
+                f"{self._stream_offset(self._pos)} where a message must start "
+                f"with '{{'{batch if byte == _OPEN_BRACKET else ''}"
             )
         return True
+
+    def _skip_whitespace(self) -> None:
+        skipped = _WHITESPACE.match(self._buffer, self._pos)
+        assert skipped is not None  # the pattern matches the empty string
+        self._advance(skipped.end())
+        self._consumed = self._pos
+
+    def _stream_offset(self, pos: int) -> int:
+        """The offset in the whole stream of buffer position ``pos``."""
+        return self._received_bytes - len(self._buffer) + pos
 
     def _advance(self, pos: int) -> None:
         self._scanned_bytes += pos - self._pos

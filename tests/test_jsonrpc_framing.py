@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -94,33 +94,59 @@ def feed_all(framer: MessageFramer, chunks: list[tuple[bytes, list[int]]]) -> li
     return received
 
 
+class Schedule(NamedTuple):
+    """What a sender means to send, and the sendmsg calls it makes."""
+
+    expected: list[tuple[Any, ...]]
+    calls: list[tuple[bytes, list[int]]]
+    unannounced_in: int | None
+
+
 @st.composite
-def sender_schedules(
-    draw: st.DrawFn,
-) -> tuple[list[tuple[Any, ...]], list[tuple[bytes, list[int]]]]:
-    """Messages with fds, as the sendmsg calls a conforming sender makes."""
+def sender_schedules(draw: st.DrawFn, unannounced: bool = False) -> Schedule:
+    """Messages with fds, as the sendmsg calls a conforming sender makes.
+
+    Whitespace before a message goes in a call of its own: the spec sends a
+    message's fds with its first byte. Whitespace after it may share its
+    payload. With ``unannounced``, one message carries 1 to 300 fds more
+    than it announces (its expected fds stay the announced ones).
+    """
     expected: list[tuple[Any, ...]] = []
     calls: list[tuple[bytes, list[int]]] = []
     next_fd = 3
-    for document in draw(st.lists(request_documents(), min_size=1, max_size=5)):
+    documents = draw(st.lists(request_documents(), min_size=1, max_size=5))
+    unannounced_in = None
+    if unannounced:
+        unannounced_in = draw(st.integers(0, len(documents) - 1))
+    for index, document in enumerate(documents):
         fd_count = draw(st.one_of(st.integers(0, 3), st.integers(0, 600)))
-        fds = list(range(next_fd, next_fd + fd_count))
-        next_fd += fd_count
+        extra = draw(st.integers(1, 300)) if index == unannounced_in else 0
+        fds = list(range(next_fd, next_fd + fd_count + extra))
+        next_fd += fd_count + extra
         if fd_count:
             document["fds"] = fd_count
-        payload = draw(whitespace).encode() + dump(document, draw(st.integers(0, 3)))
+        leading = draw(whitespace).encode()
+        if leading:
+            calls.append((leading, []))
+        payload = dump(document, draw(st.integers(0, 3))) + draw(whitespace).encode()
         batch = draw(st.integers(1, 300))
         calls.extend(plan_fd_batches(payload, fds, batch))
         request_id = document.get("id", ABSENT)
-        expected.append((document["method"], document["params"], request_id, fds))
-    return expected, calls
+        announced = fds[:fd_count]
+        expected.append((document["method"], document["params"], request_id, announced))
+    return Schedule(expected, calls, unannounced_in)
 
 
 @st.composite
 def receiver_chunks(
-    draw: st.DrawFn, calls: list[tuple[bytes, list[int]]]
+    draw: st.DrawFn, calls: list[tuple[bytes, list[int]]], like_linux: bool = False
 ) -> list[tuple[bytes, list[int]]]:
-    """Re-cut the byte stream at random; each call's fds ride with its first byte."""
+    """Re-cut the byte stream at random; each call's fds ride with its first byte.
+
+    ``like_linux`` also ends a chunk where a call carrying fds ends, as
+    Linux's recvmsg does on a stream socket (unix_stream_read_generic stops
+    after the data that came with fds).
+    """
     stream = b"".join(data for data, _ in calls)
     call_starts = []
     offset = 0
@@ -128,6 +154,10 @@ def receiver_chunks(
         call_starts.append(offset)
         offset += len(data)
     cuts = draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=20))
+    if like_linux:
+        for start, (data, fds) in zip(call_starts, calls, strict=True):
+            if fds:
+                cuts.add(start + len(data))
     bounds = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
     chunks = []
     for start, end in zip(bounds, bounds[1:], strict=False):
@@ -143,7 +173,7 @@ def receiver_chunks(
 def test_any_chunking_and_fd_batching_yields_the_same_messages(
     data: st.DataObject,
 ) -> None:
-    expected, calls = data.draw(sender_schedules())
+    expected, calls, _ = data.draw(sender_schedules())
     chunks = data.draw(receiver_chunks(calls))
     framer = MessageFramer()
 
@@ -152,6 +182,29 @@ def test_any_chunking_and_fd_batching_yields_the_same_messages(
 
     assert [as_comparable(m, fds) for m, fds in received] == expected
     assert framer.close() == []
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_unannounced_fds_are_fatal_before_a_later_message_is_handed_out(
+    data: st.DataObject,
+) -> None:
+    expected, calls, bad = data.draw(sender_schedules(unannounced=True))
+    assert bad is not None
+    chunks = data.draw(receiver_chunks(calls, like_linux=True))
+    framer = MessageFramer()
+
+    received: list[Any] = []
+    with pytest.raises(FramingError, match="mismatched fd count"):
+        for data_chunk, fds in chunks:
+            framer.feed(data_chunk, fds)
+            while (item := framer.next_message()) is not None:
+                received.append(item)
+
+    # The message with extra fds is handed out only when its own fds came
+    # first, and every message handed out has exactly the fds it announced.
+    assert len(received) in (bad, bad + 1)
+    assert [as_comparable(m, fds) for m, fds in received] == expected[: len(received)]
 
 
 def test_whitespace_between_messages_is_skipped() -> None:
@@ -250,10 +303,10 @@ def test_a_byte_other_than_an_open_brace_between_messages_is_fatal() -> None:
         framer.next_message()
 
 
-def test_top_level_array_is_fatal() -> None:
+def test_a_batch_is_fatal() -> None:
     framer = MessageFramer()
     framer.feed(b'[{"jsonrpc":"2.0","method":"a"}]', [])
-    with pytest.raises(FramingError, match="must start with"):
+    with pytest.raises(FramingError, match="must start with.*batches"):
         framer.next_message()
 
 
@@ -291,13 +344,143 @@ def test_eof_inside_a_message_is_fatal() -> None:
         framer.at_eof()
 
 
-def test_fds_no_message_claims_are_fatal_at_eof() -> None:
+def test_fds_sent_with_a_message_that_announces_none_are_fatal() -> None:
     framer = MessageFramer()
     framer.feed(b'{"jsonrpc":"2.0","method":"a"}', [8])
-    assert drain(framer) != []
-    with pytest.raises(FramingError, match="1 fds that no message claimed"):
-        framer.at_eof()
+    with pytest.raises(FramingError, match="mismatched fd count.*1 fds that no"):
+        framer.next_message()
     assert framer.close() == [8]
+
+
+def test_unannounced_fds_are_not_handed_to_the_next_message_announcing_fds() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a"}\n', [8])
+    with pytest.raises(FramingError, match="mismatched fd count"):
+        framer.next_message()
+    with pytest.raises(FramingError):
+        framer.feed(b'{"jsonrpc":"2.0","method":"b","fds":1}', [9])
+    assert framer.close() == [8, 9]
+
+
+def test_many_messages_with_unannounced_fds_fail_at_the_first() -> None:
+    # The tester's case: 20 messages, each sent with 250 fds and no "fds".
+    framer = MessageFramer()
+    received = []
+    with pytest.raises(FramingError, match="250 fds that no message announced"):
+        for index in range(20):
+            fds = list(range(1000 + 250 * index, 1000 + 250 * (index + 1)))
+            framer.feed(b'{"jsonrpc":"2.0","method":"a"}', fds)
+            received.extend(drain(framer))
+    assert received == []
+    assert framer.close() == list(range(1000, 1250))
+
+
+def test_more_fds_than_announced_in_a_continuation_are_fatal() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","fds":2}', [5])
+    assert framer.next_message() is None
+    framer.feed(b" ", [6, 7])
+    with pytest.raises(FramingError, match="1 fds that no message announced"):
+        framer.next_message()
+    assert framer.close() == [5, 6, 7]
+
+
+def test_fds_in_a_whitespace_chunk_after_the_message_took_its_own_are_fatal() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","fds":1}', [5])
+    (_, fds), *_ = drain(framer)
+    assert fds == [5]
+    framer.feed(b"  ", [6])
+    with pytest.raises(FramingError, match="1 fds that no message announced"):
+        framer.next_message()
+    assert framer.close() == [6]
+
+
+def test_fds_sharing_a_chunk_with_the_next_message_start_belong_to_it() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a"}\n{"jsonrpc":"2.0",', [5, 6])
+    message, fds = drain(framer)[0]
+    assert isinstance(message, Request) and message.method == "a" and fds == []
+    framer.feed(b'"method":"b","fds":2}', [])
+    (message, fds), *_ = drain(framer)
+    assert isinstance(message, Request) and message.method == "b"
+    assert fds == [5, 6]
+    framer.at_eof()
+
+
+def test_queued_fds_are_bounded() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","fds":4096}', list(range(250)))
+    assert framer.next_message() is None
+    for start in range(250, 4096, 250):
+        framer.feed(b" ", list(range(start, min(start + 250, 4096))))
+    (_, fds), *_ = drain(framer)
+    assert fds == list(range(4096))
+    framer.feed(b'{"jsonrpc":"2.0","method":"b","fds":1}', [0])
+    with pytest.raises(FramingError, match="4097 fds that no message has taken"):
+        framer.feed(b" ", list(range(1, 4097)))
+    assert framer.close() == list(range(4097))
+
+
+def test_a_message_announcing_more_fds_than_the_bound_is_fatal() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","fds":5000}', list(range(250)))
+    with pytest.raises(FramingError, match="announced 5000 fds"):
+        framer.next_message()
+    assert framer.close() == list(range(250))
+
+
+def test_nesting_up_to_128_levels_is_accepted() -> None:
+    # The message object is level 1, then 127 arrays.
+    params = b"[" * 127 + b"]" * 127
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","params":' + params + b"}", [])
+    (message, _), *_ = drain(framer)
+    assert isinstance(message, Request)
+    assert json.loads(bytes(message.params)) == json.loads(params)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("opening", [b"[", b'{"k":'])
+def test_nesting_deeper_than_128_levels_is_fatal_at_the_offending_byte(
+    opening: bytes,
+) -> None:
+    head = b'{"jsonrpc":"2.0","method":"a","params":'
+    framer = MessageFramer()
+    framer.feed(head + opening * 127, [])
+    assert framer.next_message() is None
+    framer.feed(opening, [7])
+    with pytest.raises(FramingError, match="nested more than 128 levels") as raised:
+        framer.next_message()
+    assert raised.value.code == FD_ERROR
+    assert framer.close() == [7]
+
+
+def test_a_thousand_nested_arrays_are_a_framing_error_not_a_crash() -> None:
+    framer = MessageFramer()
+    framer.feed(
+        b'{"jsonrpc":"2.0","id":1,"method":"Initialize","params":'
+        + b"[" * 1000
+        + b"]" * 1000
+        + b"}",
+        [],
+    )
+    with pytest.raises(FramingError, match="nested more than 128 levels"):
+        framer.next_message()
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = "[{" * 1000
+    framer = MessageFramer()
+    framer.feed(json.dumps({"jsonrpc": "2.0", "method": text}).encode(), [])
+    (message, _), *_ = drain(framer)
+    assert isinstance(message, Request) and message.method == text
+
+
+def test_mismatched_brackets_are_malformed_json() -> None:
+    framer = MessageFramer()
+    framer.feed(b'{"jsonrpc":"2.0","method":"a","params":[}]', [])
+    with pytest.raises(FramingError, match="malformed JSON"):
+        framer.next_message()
 
 
 @pytest.mark.parametrize("fds_member", [b'"two"', b"-1", b"1.5", b"null"])
