@@ -15,6 +15,10 @@
 # Lifetime: when the peer closes its end, in-flight handlers are cancelled
 # (nobody is left to read their answers) and everything is closed. A fatal
 # framing error is answered with one -32050 error (id null) before closing.
+# Any other exception escaping the connection (our bug, whatever message
+# provoked it) is logged and answered with one -32603 error (id null), and
+# ends this connection only: `serve` never raises it into the caller, where
+# it would take down every other connection of the process.
 
 from __future__ import annotations
 
@@ -119,9 +123,15 @@ class RpcServer:
         connection = _Connection(self, sock)
         try:
             fatal = await connection.run()
+        except Exception:
+            logger.exception("closing jsonrpc-fdpass connection after our own bug")
+            message = "Internal error; the server log has the details"
+            await _report_fatal(sock, INTERNAL_ERROR, message, ErrorKind.INTERNAL)
+        else:
             if fatal is not None:
                 logger.warning("closing jsonrpc-fdpass connection: %s", fatal)
-                await _report_fatal(sock, fatal)
+                message = f"File Descriptor Error: {fatal}"
+                await _report_fatal(sock, FD_ERROR, message, ErrorKind.FRAMING)
         finally:
             connection.close_fds()
             await sock.aclose()
@@ -243,11 +253,11 @@ class _Connection:
             self._slots.release()
 
 
-async def _report_fatal(sock: FdSocket, error: FramingError | FdPassingError) -> None:
+async def _report_fatal(
+    sock: FdSocket, code: int, message: str, kind: ErrorKind
+) -> None:
     """Best effort: tell the peer why the connection is going away."""
-    message = f"File Descriptor Error: {error}"
-    data = error_data(ErrorKind.FRAMING)
-    failure = ErrorObject(code=FD_ERROR, message=message, data=data)
+    failure = ErrorObject(code=code, message=message, data=error_data(kind))
     with anyio.move_on_after(_FATAL_REPORT_TIMEOUT):
         try:
             await sock.send_message(encode_message(error_response(None, failure)))

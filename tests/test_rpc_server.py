@@ -21,6 +21,7 @@ import msgspec
 import pytest
 
 from protocol.jsonrpc import ErrorKind, RpcError
+from proxy.client import LegacyError, ProxyProcess
 from proxy.fdsocket import FdSocket, close_fds
 from proxy.rpc_server import Reply, RpcServer
 
@@ -375,3 +376,177 @@ async def test_a_session_leaks_no_fds(tmp_path: Path) -> None:
         # A request still running when the client leaves is cancelled.
         await client.send({"jsonrpc": "2.0", "method": "WaitForGate", "id": 1})
     assert open_fd_count() == before
+
+
+# --- hostile framing: one connection ends, the server goes on -------------------
+
+DEEPLY_NESTED = (
+    b'{"jsonrpc":"2.0","id":1,"method":"Echo","params":'
+    + b"[" * 1000
+    + b"]" * 1000
+    + b"}"
+)
+
+
+async def test_deep_nesting_ends_only_that_connection() -> None:
+    server = make_server(Methods())
+    async with serving(server) as broken, serving(server) as healthy:
+        await broken.send(DEEPLY_NESTED)
+        response, _ = await broken.response()
+        with pytest.raises(EOFError):
+            await broken.response()
+        echoed, _ = await healthy.call("Echo", {"text": "still served"})
+    assert response["error"]["code"] == -32050
+    assert "nested more than 128 levels" in response["error"]["message"]
+    assert response["id"] is None
+    assert echoed["result"] == {"text": "still served"}
+
+
+async def test_a_batch_ends_the_connection_with_fd_error() -> None:
+    async with serving(make_server(Methods())) as client:
+        await client.send(b'[{"jsonrpc":"2.0","method":"Echo","id":1}]')
+        response, _ = await client.response()
+        with pytest.raises(EOFError):
+            await client.response()
+    assert response["error"]["code"] == -32050
+    assert "batches" in response["error"]["message"]
+
+
+async def test_unannounced_fds_end_the_connection_and_are_closed() -> None:
+    read_end, write_end = os.pipe()
+    before = open_fd_count()
+    async with serving(make_server(Methods())) as client:
+        # The tester's case: 20 requests, each with 250 fds and no "fds".
+        with contextlib.suppress(anyio.BrokenResourceError):
+            for index in range(20):
+                request = {"jsonrpc": "2.0", "method": "Echo", "id": index}
+                request["params"] = {"text": "x"}
+                await client.send(request, [read_end] * 250)
+        response, fds = await client.response()
+        with pytest.raises(EOFError):
+            await client.response()
+        # The server closed the fds it held, then its end: only ours is left.
+        assert open_fd_count() == before + 1
+    close_fds([read_end, write_end])
+    assert response["error"]["code"] == -32050
+    assert "250 fds that no message announced" in response["error"]["message"]
+    assert fds == []
+
+
+async def test_unannounced_fds_are_never_handed_to_a_later_request() -> None:
+    read_end, write_end = os.pipe()
+    async with serving(make_server(Methods())) as client:
+        await client.send(b'{"jsonrpc":"2.0","method":"Echo","id":1}\n', [read_end])
+        with contextlib.suppress(anyio.BrokenResourceError):
+            await client.send(
+                b'{"jsonrpc":"2.0","method":"StatFds","id":2,"fds":1}', [write_end]
+            )
+        response, _ = await client.response()
+        with pytest.raises(EOFError):
+            await client.response()
+    close_fds([read_end, write_end])
+    assert response["error"]["code"] == -32050
+    assert "mismatched fd count" in response["error"]["message"]
+
+
+async def test_our_own_bug_ends_only_that_connection_with_internal_error() -> None:
+    def broken_callback() -> None:
+        raise RuntimeError("a bug in the server")
+
+    async def reply_with_broken_callback(params: NoParams, fds: list[int]) -> Reply:
+        return Reply("answered", on_closed=broken_callback)
+
+    server = make_server(Methods())
+    server.register("Buggy", NoParams, reply_with_broken_callback)
+    async with serving(server) as broken, serving(server) as healthy:
+        answered, _ = await broken.call("Buggy", {})
+        fatal, _ = await broken.response()
+        with pytest.raises(EOFError):
+            await broken.response()
+        echoed, _ = await healthy.call("Echo", {"text": "still served"})
+    assert answered["result"] == "answered"
+    assert fatal["error"]["code"] == -32603
+    assert fatal["error"]["data"]["kind"] == "internal"
+    assert "bug" not in json.dumps(fatal)
+    assert echoed["result"] == {"text": "still served"}
+
+
+# --- the same against a spawned proxy ---------------------------------------------
+
+
+def proxy_fd_count(proxy: ProxyProcess) -> int:
+    return len(os.listdir(f"/proc/{proxy.process.pid}/fd"))
+
+
+async def open_raw_connection(proxy: ProxyProcess) -> Client:
+    _, fds, _ = await proxy.legacy.call("OpenJsonRPCFdPass")
+    (fd,) = fds
+    return Client(FdSocket(socket.socket(fileno=fd)))
+
+
+async def settled_fd_count(proxy: ProxyProcess) -> int:
+    """The proxy's fd count once it has closed the fds of its last reply.
+
+    It closes a reply's fds after sending the reply, so one more round trip
+    on the sequential legacy protocol orders the count after that.
+    """
+    with contextlib.suppress(LegacyError):
+        await proxy.legacy.call("Initialize")  # "already initialized", no fds
+    return proxy_fd_count(proxy)
+
+
+async def break_connection(proxy: ProxyProcess, how: str) -> dict[str, Any]:
+    """Open a connection, break its framing ``how``; the proxy's last words."""
+    client = await open_raw_connection(proxy)
+    read_end, write_end = os.pipe()
+    try:
+        with contextlib.suppress(anyio.BrokenResourceError):
+            if how == "nesting":
+                await client.send(DEEPLY_NESTED)
+            else:
+                for index in range(20):
+                    request = {"jsonrpc": "2.0", "method": "Initialize", "id": index}
+                    await client.send(request, [read_end] * 250)
+        response, _ = await client.response()
+        with pytest.raises(EOFError):
+            await client.response()
+    finally:
+        close_fds([read_end, write_end])
+        await client.sock.aclose()
+    return response
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("nesting", "nested more than 128 levels"),
+        ("unannounced fds", "250 fds that no message announced"),
+    ],
+)
+async def test_a_proxy_serves_other_connections_after_one_breaks_framing(
+    how: str, reason: str
+) -> None:
+    async with ProxyProcess.spawn(["--insecure-policy"]) as proxy:
+        await proxy.legacy.initialize()
+        healthy = await proxy.legacy.open_rpc()
+        try:
+            baseline = await settled_fd_count(proxy)
+
+            response = await break_connection(proxy, how)
+
+            assert proxy.process.poll() is None
+            assert await settled_fd_count(proxy) == baseline
+            result = await healthy.initialize()
+        finally:
+            await healthy.aclose()
+    assert response["error"]["code"] == -32050
+    assert reason in response["error"]["message"]
+    assert result.version == "1.0"
+
+
+async def test_a_proxy_answers_deeply_nested_legacy_arguments_as_invalid() -> None:
+    nested = msgspec.Raw(b"[" * 10_000 + b"]" * 10_000)
+    async with ProxyProcess.spawn() as proxy:
+        with pytest.raises(LegacyError, match="invalid request: JSON nested too"):
+            await proxy.legacy.call("Initialize", nested)
+        assert await proxy.legacy.initialize() == "0.2.9"
