@@ -69,6 +69,11 @@ def parse_request(packet: bytes) -> Request:
         return _request_decoder.decode(packet)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ClientError(f"invalid request: {exc}") from None
+    except RecursionError:
+        # msgspec recurses once per nesting level; a packet holds enough
+        # brackets to exhaust the interpreter's stack, and unwinding leaves
+        # nothing behind, so this is just another malformed request.
+        raise ClientError("invalid request: JSON nested too deeply") from None
 
 
 def go_type_name(value: Any) -> str:
