@@ -26,6 +26,11 @@ first. A crash leaves only a ``tmp/`` directory, which ``lookup`` never reads
 and which is removed once it is older than ``stale_after`` seconds.
 A truncated zstd stream is not reported by the decompressor itself; it shows
 up as a truncated tar or a diffID mismatch, and is refused all the same.
+
+Errors of the cache's own filesystem (full, read-only, no permission, quota)
+are :class:`LayerCacheError` naming the cache directory, the reason and the
+layer; running out of file descriptors is a :class:`RetryableError`. A failed
+build's directory is removed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -48,7 +54,13 @@ from typing import IO, BinaryIO
 import isal.igzip_threaded
 import zstandard
 
-from protocol.errors import DigestMismatchError, SourceError, UnsupportedError
+from protocol.errors import (
+    DigestMismatchError,
+    ImageProxyError,
+    RetryableError,
+    SourceError,
+    UnsupportedError,
+)
 from protocol.splitfdstream import SplitFDStreamWriter
 from protocol.tar import (
     Content,
@@ -59,7 +71,13 @@ from protocol.tar import (
     TarSplitter,
 )
 
-__all__ = ["CachedLayer", "LayerCache", "LAYER_MEDIA_TYPES"]
+__all__ = [
+    "CachedLayer",
+    "LayerCache",
+    "LayerCacheError",
+    "LAYER_MEDIA_TYPES",
+    "out_of_fds",
+]
 
 _READ_SIZE = 1 << 20
 _DIFF_ID = re.compile(r"sha256:([0-9a-f]{64})")
@@ -80,6 +98,32 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip": _GZIP,
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": _GZIP,
 }
+
+
+class LayerCacheError(ImageProxyError):
+    """The cache's own filesystem refused us: full, read-only, no permission.
+
+    Neither the client nor the image is at fault; whoever runs the proxy
+    must free space or fix the cache directory.
+    """
+
+
+def out_of_fds(err: OSError, doing: str) -> RetryableError | None:
+    """A retryable error for EMFILE/ENFILE, else None.
+
+    A process or system out of descriptors is a passing state, not damage to
+    the file being opened.
+    """
+    if err.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return RetryableError(
+            f"out of file descriptors (RLIMIT_NOFILE soft limit {soft}) {doing}"
+        )
+    if err.errno == errno.ENFILE:
+        return RetryableError(
+            f"out of file descriptors (the system's file table is full) {doing}"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +148,7 @@ class LayerCache:
         in the stream (saving an fd each); larger ones get their own file.
     :param stale_after: age in seconds past which a leftover build directory
         is taken for the debris of a crash and removed.
+    :raises LayerCacheError: the cache directory cannot be created.
     """
 
     def __init__(
@@ -117,17 +162,30 @@ class LayerCache:
         self.inline_threshold = inline_threshold
         self._tmp = root / "tmp"
         self._layers = root / "layers" / "sha256"
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._layers.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_builds(stale_after)
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._layers.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_builds(stale_after)
+        except OSError as err:
+            if err.errno == errno.EROFS and self._layers.is_dir():
+                # A read-only cache can still serve what it holds; nothing
+                # in it can be removed anyway.
+                return
+            raise self._os_error(err, "while setting it up") from None
 
     def lookup(self, diff_id: str) -> CachedLayer | None:
-        """Return the published entry for ``diff_id``, or None if there is none."""
+        """Return the published entry for ``diff_id``, or None if there is none.
+
+        :raises RetryableError: the process is out of file descriptors.
+        :raises LayerCacheError: the entry cannot be read.
+        """
         entry = self._layers / _hex_of(diff_id)
         try:
             meta = json.loads((entry / "layer.json").read_bytes())
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise self._os_error(err, f"while reading the entry of {diff_id}") from None
         file_count = int(meta["fileCount"])
         files = [entry / "files" / str(k) for k in range(file_count)]
         return CachedLayer(
@@ -148,6 +206,8 @@ class LayerCache:
             ``diff_id``; nothing is published.
         :raises UnsupportedError: ``media_type`` is not a tar layer we handle.
         :raises SourceError: the blob does not decompress or is not a tar.
+        :raises LayerCacheError: the cache's filesystem refused a write.
+        :raises RetryableError: the process is out of file descriptors.
         """
         hex_digest = _hex_of(diff_id)
         compression = LAYER_MEDIA_TYPES.get(media_type)
@@ -159,7 +219,14 @@ class LayerCache:
         existing = self.lookup(diff_id)
         if existing is not None:
             return existing
+        try:
+            return self._build(diff_id, hex_digest, compressed, compression)
+        except OSError as err:
+            raise self._os_error(err, f"while unpacking {diff_id}") from None
 
+    def _build(
+        self, diff_id: str, hex_digest: str, compressed: BinaryIO, compression: str
+    ) -> CachedLayer:
         build_dir = Path(tempfile.mkdtemp(prefix=f"{hex_digest[:12]}-", dir=self._tmp))
         try:
             with _decompressed(compressed, compression) as tar_stream:
@@ -178,6 +245,16 @@ class LayerCache:
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
+
+    def _os_error(self, err: OSError, doing: str) -> ImageProxyError:
+        """Word an error of the cache's filesystem for whoever runs the proxy."""
+        retryable = out_of_fds(err, f"in layer cache {self.root} {doing}")
+        if retryable is not None:
+            return retryable
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        reason = reason[:1].lower() + reason[1:]
+        where = f" ({err.filename})" if err.filename else ""
+        return LayerCacheError(f"layer cache {self.root}: {reason}{where} {doing}")
 
     def _publish(self, diff_id: str, build_dir: Path) -> CachedLayer:
         target = self._layers / _hex_of(diff_id)

@@ -15,13 +15,15 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from protocol.errors import DigestMismatchError, SourceError, UnsupportedError
 from protocol.splitfdstream import External, Inline, SplitFDStreamReader
-from proxy.layercache import CachedLayer, LayerCache
+from proxy.layercache import CachedLayer, LayerCache, LayerCacheError
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -216,6 +218,19 @@ def test_concurrent_builds_of_one_diff_id_give_one_good_entry(
     assert reconstruct(results[0]) == layer_tar
 
 
+def big_layer_tar(tmp_path: Path) -> bytes:
+    """A tar (GNU tar) holding one 3 MiB file: more than one read of a build."""
+    require("tar")
+    tree = tmp_path / "big-tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(3 << 20))
+    return subprocess.run(
+        ["tar", "--format=posix", "-cf", "-", "-C", tree, "."],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
 def test_stale_build_directories_are_removed_at_start(tmp_path: Path) -> None:
     stale = tmp_path / "tmp" / "crashed"
     fresh = tmp_path / "tmp" / "running"
@@ -226,6 +241,71 @@ def test_stale_build_directories_are_removed_at_start(tmp_path: Path) -> None:
     LayerCache(tmp_path)
     assert not stale.exists()
     assert fresh.exists()
+
+
+# --- the cache's own filesystem failing -----------------------------------------------
+
+
+@contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` for the test; unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    require("mount")
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mount cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_cache_filesystem_is_reported_naming_the_cache_and_the_layer(
+    tmp_path: Path,
+) -> None:
+    tar = big_layer_tar(tmp_path)
+    diff_id = diff_id_of(tar)
+    with tmpfs(tmp_path / "small", "size=1m") as root:
+        cache = LayerCache(root)
+        with pytest.raises(LayerCacheError) as raised:
+            cache.build(diff_id, io.BytesIO(tar), OCI_TAR)
+        message = str(raised.value)
+        assert message.startswith(f"layer cache {root}: no space left on device")
+        assert diff_id in message
+        assert published_entries(root) == []
+        assert build_leftovers(root) == []
+
+
+def test_a_read_only_cache_filesystem_is_reported_naming_the_cache(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    diff_id = diff_id_of(layer_tar)
+    with tmpfs(tmp_path / "ro", "size=1m") as root:
+        cache = LayerCache(root)
+        subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+        with pytest.raises(LayerCacheError) as raised:
+            cache.build(diff_id, io.BytesIO(layer_tar), OCI_TAR)
+        message = str(raised.value)
+        assert message.startswith(f"layer cache {root}: read-only file system")
+        assert diff_id in message
+        # What it holds can still be looked up.
+        assert LayerCache(root).lookup(diff_id) is None
+
+
+def test_a_cache_that_cannot_be_created_is_reported_naming_it(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mountpoint:
+        root = mountpoint / "cache"
+        with pytest.raises(LayerCacheError) as raised:
+            LayerCache(root)
+        assert str(raised.value).startswith(
+            f"layer cache {root}: read-only file system"
+        )
 
 
 def test_unknown_media_type_is_unsupported(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.oci_writer import OCILayoutWriter
+from proxy.oci_writer import OCILayoutWriter, TarEntry
 from proxy.pull import pull
 from tests.api_helpers import Layout, describe_tree
 from tests.images import DebianImage, ImageSet, build_manyfiles
@@ -307,6 +307,47 @@ def test_pull_into_a_non_empty_directory_fails_and_leaves_it_alone(
     assert str(dest) in result.stderr
     assert "Traceback" not in result.stderr
     assert os.listdir(dest) == ["precious"]
+
+
+@contextmanager
+def small_tmpfs(where: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at ``where`` for the test; unmounted afterwards."""
+    if not is_root:
+        pytest.skip("mounting a tmpfs needs root")
+    require("mount")
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mount cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_cache_filesystem_fails_pull_with_one_line_naming_the_cache(
+    tmp_path: Path,
+) -> None:
+    writer = OCILayoutWriter(tmp_path / "layout")
+    layer = writer.add_layer([TarEntry("big", "file", os.urandom(3 << 20))])
+    writer.add_image([layer], ref_name="latest")
+    with small_tmpfs(tmp_path / "cache") as cache:
+        result = run_cli(
+            "pull",
+            "--quiet",
+            "--cache-dir",
+            str(cache),
+            f"oci:{tmp_path / 'layout'}:latest",
+            str(tmp_path / "dest"),
+        )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert f"layer cache {cache}: no space left on device" in line
+    assert layer.diff_id in line
 
 
 def count_regular_files(root: Path) -> int:
