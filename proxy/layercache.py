@@ -9,6 +9,7 @@ filesystem can reflink them instead of copying.
 
 Layout under the cache root::
 
+    tmp.lock                      taken while a build directory is created
     tmp/<random>/                 a build in progress (never trusted)
     layers/sha256/<hex>/          a published entry for diffID sha256:<hex>
         layer.json                size of the uncompressed tar, file count
@@ -22,10 +23,16 @@ Nothing is published until the sha256 of the uncompressed bytes equals the
 diffID: the entry is built in ``tmp/``, flushed to disk, then renamed into
 ``layers/`` in one step. A rename onto an existing entry fails, so when two
 builds of one diffID race, the second discards its copy and returns the
-first. A crash leaves only a ``tmp/`` directory, which ``lookup`` never reads
-and which is removed once it is older than ``stale_after`` seconds.
-A truncated zstd stream is not reported by the decompressor itself; it shows
-up as a truncated tar or a diffID mismatch, and is refused all the same.
+first. A truncated zstd stream is not reported by the decompressor itself; it
+shows up as a truncated tar or a diffID mismatch, and is refused all the same.
+
+Crashes: each build holds an exclusive ``flock`` on its ``tmp/`` directory
+for its whole life, and the kernel drops it when the builder dies, however it
+dies. A new :class:`LayerCache` removes every build directory whose lock it
+can take, whatever its age: its builder is gone. A build creates and locks
+its directory under a shared lock on ``tmp.lock`` and the sweep runs under an
+exclusive one, so the sweep never sees a live build's directory before it is
+locked. ``lookup`` never reads ``tmp/``.
 
 Errors of the cache's own filesystem (full, read-only, no permission, quota)
 are :class:`LayerCacheError` naming the cache directory, the reason and the
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -44,7 +52,6 @@ import re
 import resource
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,26 +153,19 @@ class LayerCache:
 
     :param inline_threshold: regular files up to this many bytes stay inline
         in the stream (saving an fd each); larger ones get their own file.
-    :param stale_after: age in seconds past which a leftover build directory
-        is taken for the debris of a crash and removed.
     :raises LayerCacheError: the cache directory cannot be created.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        *,
-        inline_threshold: int = 4096,
-        stale_after: float = 6 * 3600,
-    ) -> None:
+    def __init__(self, root: Path, *, inline_threshold: int = 4096) -> None:
         self.root = root
         self.inline_threshold = inline_threshold
         self._tmp = root / "tmp"
+        self._tmp_lock = root / "tmp.lock"
         self._layers = root / "layers" / "sha256"
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._layers.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_builds(stale_after)
+            self._remove_abandoned_builds()
         except OSError as err:
             if err.errno == errno.EROFS and self._layers.is_dir():
                 # A read-only cache can still serve what it holds; nothing
@@ -227,7 +227,7 @@ class LayerCache:
     def _build(
         self, diff_id: str, hex_digest: str, compressed: BinaryIO, compression: str
     ) -> CachedLayer:
-        build_dir = Path(tempfile.mkdtemp(prefix=f"{hex_digest[:12]}-", dir=self._tmp))
+        build_dir, lock_fd = self._new_build_dir(hex_digest)
         try:
             with _decompressed(compressed, compression) as tar_stream:
                 digest = _unpack(
@@ -245,6 +245,26 @@ class LayerCache:
         finally:
             if build_dir.exists():
                 shutil.rmtree(build_dir, ignore_errors=True)
+            # Only now: a sweep must not take a directory still being removed.
+            os.close(lock_fd)
+
+    def _new_build_dir(self, hex_digest: str) -> tuple[Path, int]:
+        """A fresh directory under ``tmp/`` and the fd holding its lock."""
+        with _flocked(self._tmp_lock, fcntl.LOCK_SH):
+            build_dir = Path(
+                tempfile.mkdtemp(prefix=f"{hex_digest[:12]}-", dir=self._tmp)
+            )
+            try:
+                lock_fd = os.open(
+                    build_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            except BaseException:
+                os.rmdir(build_dir)
+                raise
+            # Nobody else can hold it: the directory was made just now, and a
+            # sweep cannot run while we hold tmp.lock shared.
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return build_dir, lock_fd
 
     def _os_error(self, err: OSError, doing: str) -> ImageProxyError:
         """Word an error of the cache's filesystem for whoever runs the proxy."""
@@ -271,14 +291,59 @@ class LayerCache:
             raise SourceError(f"layer {diff_id}: cache entry vanished after publishing")
         return published
 
-    def _remove_stale_builds(self, stale_after: float) -> None:
-        cutoff = time.time() - stale_after
-        for leftover in self._tmp.iterdir():
+    def _remove_abandoned_builds(self) -> None:
+        """Remove each build directory whose builder is dead (see the top)."""
+        abandoned: list[tuple[Path, int]] = []
+        with _flocked(self._tmp_lock, fcntl.LOCK_EX):
+            for leftover in self._tmp.iterdir():
+                lock_fd = _lock_if_abandoned(leftover)
+                if lock_fd is not None:
+                    abandoned.append((leftover, lock_fd))
+        # Removing can take a while (a big layer's files); holding each
+        # directory's own lock is enough to keep other sweeps off it.
+        for leftover, lock_fd in abandoned:
             try:
-                if leftover.lstat().st_mtime < cutoff:
-                    shutil.rmtree(leftover, ignore_errors=True)
-            except FileNotFoundError:
-                continue
+                shutil.rmtree(leftover, ignore_errors=True)
+            finally:
+                os.close(lock_fd)
+
+
+def _lock_if_abandoned(leftover: Path) -> int | None:
+    """The locked fd of a build directory nobody holds, or None.
+
+    Anything else found in ``tmp/`` is no build of ours and is unlinked.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        lock_fd = os.open(leftover, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        leftover.unlink(missing_ok=True)
+        return None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # A live build.
+        os.close(lock_fd)
+        return None
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return lock_fd
+
+
+@contextmanager
+def _flocked(path: Path, operation: int) -> Iterator[None]:
+    # Read-only is enough for flock, and opens on a read-only filesystem.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _hex_of(diff_id: str) -> str:

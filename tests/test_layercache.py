@@ -10,8 +10,10 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -218,6 +220,18 @@ def test_concurrent_builds_of_one_diff_id_give_one_good_entry(
     assert reconstruct(results[0]) == layer_tar
 
 
+REPO = Path(__file__).resolve().parents[1]
+# Builds from its stdin into the cache at argv[1], as the proxy would.
+CHILD_BUILD = (
+    "import sys; from pathlib import Path;"
+    " from proxy.layercache import LayerCache;"
+    " LayerCache(Path(sys.argv[1])).build("
+    "sys.argv[2], sys.stdin.buffer, 'application/vnd.oci.image.layer.v1.tar')"
+)
+# Bounds for waits that only end if the code works; never asserted on.
+GENEROUS = 60
+
+
 def big_layer_tar(tmp_path: Path) -> bytes:
     """A tar (GNU tar) holding one 3 MiB file: more than one read of a build."""
     require("tar")
@@ -231,16 +245,67 @@ def big_layer_tar(tmp_path: Path) -> bytes:
     ).stdout
 
 
-def test_stale_build_directories_are_removed_at_start(tmp_path: Path) -> None:
-    stale = tmp_path / "tmp" / "crashed"
-    fresh = tmp_path / "tmp" / "running"
-    (stale / "files").mkdir(parents=True)
-    fresh.mkdir()
-    two_days_ago = time.time() - 2 * 86400
-    os.utime(stale, (two_days_ago, two_days_ago))
+@contextmanager
+def build_in_a_child(root: Path, tar: bytes) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process building ``tar`` into ``root``, stopped mid-build.
+
+    It has been fed the first 2 MiB of the tar and waits for the rest, with
+    a content file of its build already created.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_BUILD, str(root), diff_id_of(tar)],
+        stdin=subprocess.PIPE,
+        cwd=REPO,
+    )
+    try:
+        assert child.stdin is not None
+        child.stdin.write(tar[: 2 << 20])
+        child.stdin.flush()
+        deadline = time.monotonic() + GENEROUS
+        while not list((root / "tmp").glob("*/files/0")):
+            assert child.poll() is None, "the building child exited early"
+            assert time.monotonic() < deadline, "the child never started its build"
+            time.sleep(0.01)
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdin is not None:
+            child.stdin.close()
+
+
+def test_a_build_whose_process_was_killed_is_removed_at_start(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "cache"
+    with build_in_a_child(root, big_layer_tar(tmp_path)) as child:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        assert build_leftovers(root) != []
+        LayerCache(root)
+        assert build_leftovers(root) == []
+
+
+def test_a_build_under_way_in_another_process_is_left_alone_at_start(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "cache"
+    with build_in_a_child(root, big_layer_tar(tmp_path)):
+        leftovers = build_leftovers(root)
+        LayerCache(root)
+        assert build_leftovers(root) == leftovers
+
+
+def test_leftovers_without_a_builder_are_removed_whatever_their_age(
+    tmp_path: Path,
+) -> None:
+    # What a crash leaves, just now: no process holds these.
+    crashed = tmp_path / "tmp" / "crashed"
+    (crashed / "files").mkdir(parents=True)
+    (crashed / "files" / "0").write_bytes(b"partial")
+    (tmp_path / "tmp" / "stray-file").write_bytes(b"")
     LayerCache(tmp_path)
-    assert not stale.exists()
-    assert fresh.exists()
+    assert build_leftovers(tmp_path) == []
 
 
 # --- the cache's own filesystem failing -----------------------------------------------
