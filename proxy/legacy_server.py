@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -47,6 +48,7 @@ from proxy.pipes import (
     copy_verified,
     make_pipe,
     run_guarded,
+    run_transfer,
     run_with_error_fd,
     stall_error,
     write_all,
@@ -256,15 +258,29 @@ class LegacySession:
         data_read, data_write = make_pipe()
         error_read, error_write = os.pipe2(os.O_CLOEXEC)
         progress = Progress()
+        timeout = self._options.stall_timeout
+
+        def copy() -> None:
+            try:
+                copy_raw(blob, data_write, progress)
+            except Cancelled:
+                raise stall_error(timeout) from None
+
+        def discard() -> None:
+            blob.close()
+            os.close(data_write)
+            os.close(error_write)
+
         self._tg.start_soon(
-            _run_in_thread,
-            lambda: run_with_error_fd(
-                lambda: copy_raw(blob, data_write, progress),
-                blob,
-                data_write,
-                error_write,
-                legacy.encode_pipe_error,
-            ),
+            partial(
+                run_transfer,
+                lambda: run_with_error_fd(
+                    copy, blob, data_write, error_write, legacy.encode_pipe_error
+                ),
+                progress=progress,
+                stall_timeout=timeout,
+                discard=discard,
+            )
         )
         return Outcome(blob.size, [data_read, error_read])
 
@@ -339,16 +355,27 @@ class LegacySession:
         fd: int,
         blob: Blob | None,
     ) -> None:
+        def release() -> None:
+            if blob is not None:
+                blob.close()
+            os.close(fd)
+
         def run() -> None:
             try:
                 pipe.error = run_guarded(lambda: work(fd, pipe.progress))
             finally:
-                if blob is not None:
-                    blob.close()
-                os.close(fd)
+                release()
 
+        # Transfers have their own threads, so a client that never reads
+        # cannot starve other requests; the watchdog ends a stalled one, and
+        # FinishPipe reports it as retryable.
         try:
-            await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+            await run_transfer(
+                run,
+                progress=pipe.progress,
+                stall_timeout=self._options.stall_timeout,
+                discard=release,
+            )
         finally:
             pipe.done.set()
 
@@ -392,10 +419,6 @@ class LegacySession:
         for image in self._images.values():
             await image.close()
         self._images.clear()
-
-
-async def _run_in_thread(work: Callable[[], None]) -> None:
-    await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
 
 
 async def serve_legacy(sockfd: int, options: SessionOptions) -> None:

@@ -676,3 +676,35 @@ async def test_a_long_mixed_session_leaks_no_fds_in_either_process(
                 await anyio.sleep(0.05)
         assert open_fd_count(pid) == proxy_before, os.listdir(f"/proc/{pid}/fd")
     assert open_fd_count("self") == ours_before
+
+
+async def test_unread_blob_pipes_do_not_starve_the_next_request(
+    debian_image: DebianImage, test_images: ImageSet
+) -> None:
+    # Each unread pipe blocks its transfer thread once the pipe buffer is
+    # full; more of them than anyio has default worker threads (40) used to
+    # leave no thread to open the next blob with.
+    size = blob_path(debian_image.path, debian_image.layer_digest).stat().st_size
+    unread: list[int] = []
+    try:
+        async with initialized_proxy() as proxy:
+            image_id = await open_image(proxy.legacy, debian_image.reference)
+            for _ in range(60):
+                _, fds, _ = await proxy.legacy.call(
+                    "GetBlob", image_id, debian_image.layer_digest, size
+                )
+                unread.extend(fds)
+            with anyio.fail_after(GENEROUS):
+                await assert_still_serving(proxy.legacy, test_images["basic"].reference)
+                layout = test_images["basic"].path
+                layer = layers_of(layout)[0]
+                basic_id = await open_image(
+                    proxy.legacy, test_images["basic"].reference
+                )
+                _, blob = await proxy.legacy.call_piped(
+                    "GetBlob", basic_id, layer["digest"], layer["size"]
+                )
+            assert sha256_digest(blob) == layer["digest"]
+    finally:
+        for fd in unread:
+            os.close(fd)
