@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -12,6 +13,8 @@ from proxy.api import ApiShared, serve_api
 from proxy.legacy_server import SessionOptions, serve_legacy
 from proxy.policy import Policy
 from proxy.transports.base import SystemContext
+
+log = logging.getLogger("image-proxy")
 
 
 def platform_for(context: SystemContext) -> PlatformWanted:
@@ -46,7 +49,13 @@ def rpc_opener(
     shared = ApiShared(options, cache_dir)
 
     async def open_rpc(sock: socket.socket) -> None:
-        await serve_api(sock, shared)
+        # A bug in one jsonrpc connection must end that connection only, not
+        # the legacy session and every other connection with it.
+        try:
+            await serve_api(sock, shared)
+        except Exception:
+            log.exception("jsonrpc-fdpass connection failed")
+            sock.close()
 
     return open_rpc
 
