@@ -44,7 +44,7 @@ from protocol.jsonrpc import ErrorKind, RpcError
 from proxy import api_upstream
 from proxy.fdsocket import FdSocket
 from proxy.image import OpenedImage, ResolvedImage
-from proxy.layercache import CachedLayer, LayerCache
+from proxy.layercache import CachedLayer, LayerCache, out_of_fds
 from proxy.legacy_server import SessionOptions, open_image
 from proxy.pipes import (
     Progress,
@@ -466,8 +466,11 @@ class ApiSession:
         self._last_stream_id += 1
         stream_id = self._last_stream_id
         self._streams[stream_id] = stream
-        count = min(window, stream.file_count)
-        release = await self._shared.budget.acquire(count + 1)
+        # Never more than the budget holds, whatever window the client asks
+        # for: the stream fd plus at most limit - 1 files.
+        budget = self._shared.budget
+        count = min(window, stream.file_count, budget.limit - 1)
+        release = await budget.acquire(count + 1)
         try:
             fds = await anyio.to_thread.run_sync(_open_first_window, stream, count)
         except BaseException:
@@ -491,8 +494,9 @@ class ApiSession:
             raise ClientError(
                 f"start {params.start} is past the stream's {stream.file_count} files"
             )
-        count = min(count, stream.file_count - params.start)
-        release = await self._shared.budget.acquire(count)
+        budget = self._shared.budget
+        count = min(count, stream.file_count - params.start, budget.limit)
+        release = await budget.acquire(count)
         try:
             fds = await anyio.to_thread.run_sync(stream.open_files, params.start, count)
         except BaseException:
@@ -590,6 +594,9 @@ class CachedLayerStream(LayerStream):
         try:
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
+            exhausted = out_of_fds(exc, f"opening {path}")
+            if exhausted is not None:
+                raise exhausted from None
             raise ImageProxyError(
                 f"layer cache entry {self.diff_id} is damaged: {exc}"
             ) from None

@@ -7,12 +7,16 @@ on the same reflink-capable filesystem they are cloned, not copied.
 
 Fd bound: the client holds at most one window of content fds (``window``,
 256 by default) plus the stream; it asks for the next window only after
-closing the previous one, so any layer works under ``ulimit -n 1024``.
+closing the previous one. The window is shrunk to fit this process's own
+``RLIMIT_NOFILE`` (half of what is left after ``RESERVED_FDS`` for the
+interpreter, the sockets and the file being written), and the proxy caps it
+to its own budget, so any layer works under ``ulimit -n 128``.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -28,6 +32,18 @@ from protocol.errors import ClientError
 from proxy.apply import ApplyStats, LayerApplier
 from proxy.client import ProxyProcess, RpcClient
 from proxy.fdsocket import close_fds
+
+#: Descriptors left aside for the interpreter, the sockets, the stream and
+#: the files being written when sizing the window of content fds.
+RESERVED_FDS = 64
+
+
+def fd_window(requested: int) -> int:
+    """The content-fd window this process can hold: at most ``requested``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, (soft - RESERVED_FDS) // 2))
 
 
 @dataclass
@@ -88,6 +104,7 @@ async def pull(
     args = list(proxy_args or [])
     if cache_dir is not None:
         args += ["--cache-dir", str(cache_dir)]
+    window = fd_window(window)
     report = PullReport(image=image)
     started = time.monotonic()
     async with ProxyProcess.spawn(args) as proxy:

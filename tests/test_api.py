@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -814,3 +815,36 @@ async def test_a_connection_that_never_reads_its_blobs_does_not_stall_another(
                 close_fds([data_fd, error_fd])
             await flooder.aclose()
             await reader.aclose()
+
+
+async def test_a_window_larger_than_the_proxys_fd_limit_allows_is_shrunk(
+    tmp_path: Path,
+) -> None:
+    # Every file is over the 4 KiB inline threshold: each one is a content fd.
+    writer = OCILayoutWriter(tmp_path / "layout")
+    entries = [TarEntry(f"f{n:04d}", "file", os.urandom(5000)) for n in range(300)]
+    layer = writer.add_layer(entries)
+    writer.add_image([layer], ref_name="latest")
+    limit = 128
+    command = ["bash", "-c", f'ulimit -n {limit} && exec "$@"', "-"]
+    command += [sys.executable, "-m", "proxy"]
+    args = ["--insecure-policy", "--cache-dir", str(tmp_path / "cache")]
+    async with ProxyProcess.spawn(args, command=command) as proxy:
+        await proxy.legacy.initialize()
+        rpc = await proxy.legacy.open_rpc()
+        try:
+            await rpc.initialize()
+            image_id = await rpc.open_image(f"oci:{tmp_path / 'layout'}:latest")
+            assert image_id is not None
+            result, stream_fd, first = await rpc.get_splitfdstream(
+                image_id, layer.digest, 256
+            )
+            close_fds([stream_fd, *first])
+            await rpc.close_splitfdstream(result.stream_id)
+            # The proxy keeps half its descriptors for everything else.
+            assert result.file_count == 300
+            assert 0 < result.files_included == len(first) < limit // 2
+            rebuilt = await rebuild_layer(rpc, image_id, layer.digest, 256)
+        finally:
+            await rpc.aclose()
+    assert rebuilt.sha256 == layer.diff_id

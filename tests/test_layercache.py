@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -23,8 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import DigestMismatchError, SourceError, UnsupportedError
+from protocol.errors import (
+    DigestMismatchError,
+    RetryableError,
+    SourceError,
+    UnsupportedError,
+)
 from protocol.splitfdstream import External, Inline, SplitFDStreamReader
+from proxy.api import CachedLayerStream
 from proxy.layercache import CachedLayer, LayerCache, LayerCacheError
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -387,3 +394,27 @@ def test_malformed_diff_id_is_refused(tmp_path: Path) -> None:
         LayerCache(tmp_path).lookup("sha256:../../etc")
     with pytest.raises(UnsupportedError, match="sha512"):
         LayerCache(tmp_path).lookup("sha512:" + "3" * 128)
+
+
+def test_running_out_of_fds_is_retryable_not_a_damaged_entry(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    layer = LayerCache(tmp_path).build(
+        diff_id_of(layer_tar), io.BytesIO(layer_tar), OCI_TAR
+    )
+    stream = CachedLayerStream(layer)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The listing counts its own fd too: this leaves room for one more
+    # descriptor, so opening the second of the three files hits EMFILE.
+    limit = len(os.listdir("/proc/self/fd"))
+    assert layer.file_count == 3
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with pytest.raises(RetryableError) as raised:
+            stream.open_files(0, layer.file_count)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    message = str(raised.value)
+    assert "out of file descriptors" in message
+    assert f"RLIMIT_NOFILE soft limit {limit}" in message
+    assert "damaged" not in message

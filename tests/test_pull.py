@@ -376,6 +376,32 @@ def test_pull_of_20000_files_works_under_an_fd_limit_of_1024(tmp_path: Path) -> 
     assert count_regular_files(dest) == MANYFILES
 
 
+def test_pull_of_a_layer_of_1000_content_files_works_under_an_fd_limit_of_128(
+    tmp_path: Path,
+) -> None:
+    require("bash")
+    # Every file is over the proxy's 4 KiB inline threshold, so each one is
+    # a content fd: many more than either process may have open.
+    contents = {f"d/f{n:04d}": os.urandom(5000) for n in range(1000)}
+    writer = OCILayoutWriter(tmp_path / "layout")
+    entries = [TarEntry(name, "file", data) for name, data in contents.items()]
+    writer.add_image([writer.add_layer(entries)], ref_name="latest")
+    dest = tmp_path / "dest"
+    result = run_cli(
+        "pull",
+        "--quiet",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        f"oci:{tmp_path / 'layout'}:latest",
+        str(dest),
+        limit_fds=128,
+    )
+    assert result.returncode == 0, result.stderr
+    assert count_regular_files(dest) == len(contents)
+    for name, data in contents.items():
+        assert (dest / name).read_bytes() == data, name
+
+
 @pytest.mark.debian
 def test_debian_pull_works_under_an_fd_limit_of_1024(
     debian_image: DebianImage, tmp_path: Path
