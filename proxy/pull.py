@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import anyio
 import anyio.from_thread
 
 from protocol import api
-from protocol.errors import ClientError
+from protocol.errors import ClientError, ImageProxyError
 from proxy.apply import ApplyStats, LayerApplier
 from proxy.client import ProxyProcess, RpcClient
 from proxy.fdsocket import close_fds
@@ -44,6 +46,21 @@ def fd_window(requested: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return requested
     return max(1, min(requested, (soft - RESERVED_FDS) // 2))
+
+
+class ProxyExitedError(ImageProxyError):
+    """The proxy exited, or hung up, before the pull was done."""
+
+
+#: What the client raises when the proxy's end of a socket is gone.
+_CONNECTION_LOST = (
+    EOFError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    ConnectionError,
+)
+#: Seconds to wait for a proxy that hung up to exit, for its status.
+_EXIT_WAIT = 5.0
 
 
 @dataclass
@@ -97,41 +114,90 @@ async def pull(
     window: int = api.DEFAULT_FD_WINDOW,
     on_progress: Callable[[int, int, ApplyStats], None] | None = None,
 ) -> PullReport:
-    """Pull ``image`` into ``dest``, which must be absent or empty."""
-    if dest.exists() and any(dest.iterdir()):
-        raise ClientError(f"{dest} is not empty: pull only writes into a new directory")
+    """Pull ``image`` into ``dest``, which must be absent or empty.
+
+    :raises ClientError: ``dest`` is a symbolic link, not a directory, or not
+        empty; checked before the proxy is started.
+    :raises ProxyExitedError: the proxy died or hung up in the middle.
+    """
+    _check_dest(dest)
     dest.mkdir(parents=True, exist_ok=True)
     args = list(proxy_args or [])
     if cache_dir is not None:
         args += ["--cache-dir", str(cache_dir)]
-    window = fd_window(window)
     report = PullReport(image=image)
     started = time.monotonic()
     async with ProxyProcess.spawn(args) as proxy:
-        await proxy.legacy.initialize()
-        rpc = await proxy.legacy.open_rpc()
         try:
-            await rpc.initialize()
-            image_id = await rpc.open_image(image)
-            assert image_id is not None
-            layers = await rpc.get_layer_info(image_id)
-            applier = LayerApplier(dest)
-            for number, layer in enumerate(layers, 1):
-                apply = _apply_layer(rpc, image_id, layer, applier, window, report)
-                if on_progress is None:
-                    await apply
-                    continue
-                await _with_ticks(
-                    apply,
-                    partial(_report, on_progress, number - 1, len(layers), applier),
-                )
-                on_progress(number, len(layers), applier.stats)
-            report.layers = len(layers)
-            report.stats = applier.stats
-        finally:
-            await rpc.aclose()
+            await _pull_through(
+                proxy, image, dest, fd_window(window), on_progress, report
+            )
+        except _CONNECTION_LOST as exc:
+            raise await _proxy_gone(proxy) from exc
     report.seconds = time.monotonic() - started
     return report
+
+
+def _check_dest(dest: Path) -> None:
+    if dest.is_symlink():
+        raise ClientError(
+            f"{dest} is a symbolic link: pull writes only into a real directory,"
+            " never through a link"
+        )
+    if dest.exists() and not dest.is_dir():
+        raise ClientError(
+            f"{dest} exists and is not a directory: pull only writes into a new"
+            " or empty directory"
+        )
+    if dest.exists() and any(dest.iterdir()):
+        raise ClientError(f"{dest} is not empty: pull only writes into a new directory")
+
+
+async def _proxy_gone(proxy: ProxyProcess) -> ProxyExitedError:
+    """Why the connection to the proxy was lost, with its exit status."""
+    try:
+        status = await anyio.to_thread.run_sync(proxy.process.wait, _EXIT_WAIT)
+    except subprocess.TimeoutExpired:
+        return ProxyExitedError("the proxy closed its connection unexpectedly")
+    if status < 0:
+        try:
+            how = f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            how = f"killed by signal {-status}"
+        return ProxyExitedError(f"the proxy exited unexpectedly ({how})")
+    return ProxyExitedError(f"the proxy exited unexpectedly (status {status})")
+
+
+async def _pull_through(
+    proxy: ProxyProcess,
+    image: str,
+    dest: Path,
+    window: int,
+    on_progress: Callable[[int, int, ApplyStats], None] | None,
+    report: PullReport,
+) -> None:
+    await proxy.legacy.initialize()
+    rpc = await proxy.legacy.open_rpc()
+    try:
+        await rpc.initialize()
+        image_id = await rpc.open_image(image)
+        assert image_id is not None
+        layers = await rpc.get_layer_info(image_id)
+        applier = LayerApplier(dest)
+        for number, layer in enumerate(layers, 1):
+            apply = _apply_layer(rpc, image_id, layer, applier, window, report)
+            if on_progress is None:
+                await apply
+                continue
+            await _with_ticks(
+                apply,
+                partial(_report, on_progress, number - 1, len(layers), applier),
+            )
+            on_progress(number, len(layers), applier.stats)
+        report.layers = len(layers)
+        report.stats = applier.stats
+    finally:
+        await rpc.aclose()
 
 
 async def _with_ticks(

@@ -13,9 +13,11 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -348,6 +350,80 @@ def test_a_full_cache_filesystem_fails_pull_with_one_line_naming_the_cache(
     (line,) = result.stderr.splitlines()
     assert f"layer cache {cache}: no space left on device" in line
     assert layer.diff_id in line
+
+
+def test_a_regular_file_as_dest_is_refused_before_the_proxy_starts(
+    tmp_path: Path,
+) -> None:
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"keep me\n")
+    # No image is there: only a check made before spawning can answer first.
+    result = run_cli("pull", "--quiet", f"oci:{tmp_path}/absent:latest", str(dest))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert f"{dest} exists and is not a directory" in line
+    assert dest.read_bytes() == b"keep me\n"
+
+
+def test_a_symlink_as_dest_is_refused_and_its_target_left_alone(
+    test_images: ImageSet, tmp_path: Path
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    dest = tmp_path / "dest"
+    dest.symlink_to(target)
+    result = run_cli("pull", "--quiet", test_images["basic"].reference, str(dest))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert f"{dest} is a symbolic link" in line
+    assert os.listdir(target) == []
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name in parentheses may hold spaces: split after it.
+        fields = stat_line.rpartition(")")[2].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def test_a_proxy_killed_mid_pull_fails_the_pull_with_one_line_naming_the_signal(
+    tmp_path: Path,
+) -> None:
+    # Enough content files that the proxy is still unpacking when killed.
+    writer = OCILayoutWriter(tmp_path / "layout")
+    entries = [TarEntry(f"f{n:04d}", "file", os.urandom(5000)) for n in range(4000)]
+    writer.add_image([writer.add_layer(entries, compression="none")], ref_name="x")
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "proxy", "pull", "--quiet", "--cache-dir"]
+    command += [str(cache), f"oci:{tmp_path / 'layout'}:x", str(tmp_path / "dest")]
+    cli = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        # A content file in a build directory: the unpack is under way.
+        deadline = time.monotonic() + 60
+        while not list((cache / "tmp").glob("*/files/0")):
+            assert cli.poll() is None, "the pull ended before the proxy was killed"
+            assert time.monotonic() < deadline, "the proxy never started unpacking"
+            time.sleep(0.01)
+        (proxy_pid,) = children_of(cli.pid)
+        os.kill(proxy_pid, signal.SIGKILL)
+        _, stderr = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 1
+    (line,) = stderr.splitlines()
+    assert line.endswith("the proxy exited unexpectedly (killed by SIGKILL)")
 
 
 def count_regular_files(root: Path) -> int:
