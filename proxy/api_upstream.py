@@ -131,7 +131,7 @@ class UpstreamMethods:
             self._open_layer, layer_id, params.parent_id or ""
         )
         session = self._session
-        count = min(window, stream.file_count)
+        count = min(window, stream.file_count, session._shared.budget.limit - 1)
         # Every file in this reply: the fds pin the content, so the stream
         # (and its store lock) is released once they are sent, and there is
         # nothing to close (streamId 0), as upstream clients expect.
