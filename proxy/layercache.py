@@ -12,7 +12,8 @@ Layout under the cache root::
     tmp.lock                      taken while a build directory is created
     tmp/<random>/                 a build in progress (never trusted)
     layers/sha256/<hex>/          a published entry for diffID sha256:<hex>
-        layer.json                size of the uncompressed tar, file count
+        layer.json                size of the uncompressed tar, file count,
+                                  boot id of the kernel that wrote it
         stream                    the splitfdstream
         files/0, files/1, ...     external files, in stream order
 
@@ -20,11 +21,20 @@ Strategy and bounds: ``build`` streams the compressed blob through the
 decompressor, the tar splitter and sha256 in 1 MiB reads, so memory stays
 flat whatever the layer size; file contents are written as they arrive.
 Nothing is published until the sha256 of the uncompressed bytes equals the
-diffID: the entry is built in ``tmp/``, flushed to disk, then renamed into
-``layers/`` in one step. A rename onto an existing entry fails, so when two
+diffID: the entry is built in ``tmp/``, then renamed into ``layers/`` in one
+step. A rename onto an existing entry fails, so when two
 builds of one diffID race, the second discards its copy and returns the
 first. A truncated zstd stream is not reported by the decompressor itself; it
 shows up as a truncated tar or a diffID mismatch, and is refused all the same.
+
+Durability without a flush: ``layer.json`` records the kernel's boot id.
+Within one boot the page cache is what every reader sees, so an entry is good
+as soon as it is renamed into place; after a reboot (a power loss may have
+lost unflushed data) ``lookup`` first rebuilds the tar from the entry and
+checks it against the diffID, re-stamping it on success and discarding it on
+failure. We used to ``syncfs`` before publishing instead: that waits for all
+dirty data of the whole filesystem, other programs' included, and took as
+long as the unpacking itself.
 
 Crashes: each build holds an exclusive ``flock`` on its ``tmp/`` directory
 for its whole life, and the kernel drops it when the builder dies, however it
@@ -42,7 +52,6 @@ build's directory is removed.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -68,7 +77,12 @@ from protocol.errors import (
     SourceError,
     UnsupportedError,
 )
-from protocol.splitfdstream import SplitFDStreamWriter
+from protocol.splitfdstream import (
+    External,
+    SplitFDStreamError,
+    SplitFDStreamReader,
+    SplitFDStreamWriter,
+)
 from protocol.tar import (
     Content,
     EntryType,
@@ -188,13 +202,46 @@ class LayerCache:
             raise self._os_error(err, f"while reading the entry of {diff_id}") from None
         file_count = int(meta["fileCount"])
         files = [entry / "files" / str(k) for k in range(file_count)]
-        return CachedLayer(
+        cached = CachedLayer(
             diff_id=diff_id,
             stream_path=entry / "stream",
             files=files,
             size=int(meta["size"]),
             file_count=file_count,
         )
+        if meta.get("bootID") == _boot_id():
+            return cached
+        try:
+            return self._reverify(cached, entry, meta)
+        except OSError as err:
+            raise self._os_error(
+                err, f"while checking the entry of {diff_id}"
+            ) from None
+
+    def _reverify(
+        self, cached: CachedLayer, entry: Path, meta: dict[str, object]
+    ) -> CachedLayer | None:
+        """Check an entry written before the last boot; None if it is bad."""
+        try:
+            good = _rebuilt_digest(cached) == cached.diff_id
+        except (FileNotFoundError, IndexError, SplitFDStreamError):
+            good = False
+        if good:
+            meta["bootID"] = _boot_id()
+            fd, name = tempfile.mkstemp(prefix=".layer.json.", dir=entry)
+            with open(fd, "wb") as f:
+                f.write(json.dumps(meta).encode())
+            os.chmod(name, 0o444)
+            os.replace(name, entry / "layer.json")
+            return cached
+        # Move it out of layers/ in one step, then remove it at leisure.
+        graveyard = Path(tempfile.mkdtemp(prefix="damaged-", dir=self._tmp))
+        try:
+            os.rename(entry, graveyard / "entry")
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(graveyard, ignore_errors=True)
+        return None
 
     def build(self, diff_id: str, compressed: BinaryIO, media_type: str) -> CachedLayer:
         """Unpack a layer blob into the cache and return its entry.
@@ -240,7 +287,6 @@ class LayerCache:
                     expected=diff_id,
                     actual=digest,
                 )
-            _sync_filesystem(build_dir)
             return self._publish(diff_id, build_dir)
         finally:
             if build_dir.exists():
@@ -426,7 +472,12 @@ def _unpack(
                 current.close()
         stream.write(writer.finish())
 
-    meta = {"diffID": diff_id, "size": size, "fileCount": file_count}
+    meta = {
+        "diffID": diff_id,
+        "size": size,
+        "fileCount": file_count,
+        "bootID": _boot_id(),
+    }
     with _create(build_dir / "layer.json") as f:
         f.write(json.dumps(meta).encode())
     return f"sha256:{hasher.hexdigest()}"
@@ -473,20 +524,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# The C library the interpreter already has loaded: find_library("c") would
-# run ldconfig in a subprocess at every start of the proxy.
-_libc_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-
-
-def _sync_filesystem(build_dir: Path) -> None:
-    """Flush the whole build to disk before it is published.
-
-    One syncfs of the cache's filesystem costs far less than an fsync per
-    file of a layer with thousands of files.
-    """
-    fd = os.open(build_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _boot_id() -> str:
+    """The kernel's id of this boot ("" where there is none: always recheck)."""
     try:
-        if _libc_syncfs is None or _libc_syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().decode().strip()
+    except OSError:
+        return ""
+
+
+def _rebuilt_digest(cached: CachedLayer) -> str:
+    """The sha256 of the tar the entry's stream and files put back together."""
+    hasher = hashlib.sha256()
+    reader = SplitFDStreamReader()
+    with open(cached.stream_path, "rb") as stream:
+        while chunk := stream.read(_READ_SIZE):
+            for event in reader.feed(chunk):
+                if isinstance(event, External):
+                    with open(cached.files[event.index], "rb") as content:
+                        while block := content.read(_READ_SIZE):
+                            hasher.update(block)
+                else:
+                    hasher.update(event.data)
+    reader.finish()
+    return f"sha256:{hasher.hexdigest()}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import resource
 import shutil
@@ -418,3 +419,40 @@ def test_running_out_of_fds_is_retryable_not_a_damaged_entry(
     assert "out of file descriptors" in message
     assert f"RLIMIT_NOFILE soft limit {limit}" in message
     assert "damaged" not in message
+
+
+def _pretend_written_in_an_earlier_boot(layer: CachedLayer) -> Path:
+    meta_path = layer.stream_path.parent / "layer.json"
+    meta = json.loads(meta_path.read_bytes())
+    meta["bootID"] = "00000000-0000-0000-0000-000000000000"
+    meta_path.chmod(0o644)
+    meta_path.write_text(json.dumps(meta))
+    return meta_path
+
+
+def test_an_entry_from_an_earlier_boot_is_checked_and_restamped(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    diff_id = diff_id_of(layer_tar)
+    layer = LayerCache(tmp_path).build(diff_id, io.BytesIO(layer_tar), OCI_TAR)
+    meta_path = _pretend_written_in_an_earlier_boot(layer)
+    assert LayerCache(tmp_path).lookup(diff_id) == layer
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert json.loads(meta_path.read_bytes())["bootID"] == boot_id
+
+
+def test_an_entry_damaged_before_a_reboot_is_discarded_not_served(
+    tmp_path: Path, layer_tar: bytes
+) -> None:
+    # What a power loss can leave: a file renamed into place whose data
+    # never reached the disk.
+    diff_id = diff_id_of(layer_tar)
+    layer = LayerCache(tmp_path).build(diff_id, io.BytesIO(layer_tar), OCI_TAR)
+    _pretend_written_in_an_earlier_boot(layer)
+    damaged = layer.files[0]
+    damaged.chmod(0o644)
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)
+    assert LayerCache(tmp_path).lookup(diff_id) is None
+    assert published_entries(tmp_path) == []
+    rebuilt = LayerCache(tmp_path).build(diff_id, io.BytesIO(layer_tar), OCI_TAR)
+    assert hashlib.sha256(reconstruct(rebuilt)).hexdigest() == diff_id.split(":")[1]
