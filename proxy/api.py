@@ -144,7 +144,10 @@ class LayerBuilds:
             except SourceError as exc:
                 # A blob that is not what the manifest names usually breaks
                 # the decompressor first (gzip's CRC); say what really
-                # happened rather than "corrupt gzip stream".
+                # happened rather than "corrupt gzip stream". A failed read
+                # of the source is that failure, whatever it caused.
+                if checked.failure is not None:
+                    raise checked.failure from None
                 if not isinstance(exc, DigestMismatchError):
                     checked.verify_rest()
                 raise
@@ -169,6 +172,10 @@ class _DigestCheckedBlob(io.RawIOBase):
         self._hasher = digest.hasher()
         self._started = False
         self._at_end = False
+        #: What reading the source raised. The decompressor may run in its own
+        #: thread and turn that into a plain end of data; this keeps a dropped
+        #: registry a retryable error instead of a "corrupt blob".
+        self.failure: BaseException | None = None
 
     def readable(self) -> bool:
         return True
@@ -176,7 +183,11 @@ class _DigestCheckedBlob(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         self._started = True
         view = memoryview(buffer).cast("B")
-        data = self._reader.read(len(view))
+        try:
+            data = self._reader.read(len(view))
+        except BaseException as exc:
+            self.failure = exc
+            raise
         if not data:
             self._check_at_end()
             return 0
@@ -190,6 +201,8 @@ class _DigestCheckedBlob(io.RawIOBase):
         Does nothing when the build never read the blob (the layer was
         already cached).
         """
+        if self.failure is not None:
+            raise self.failure
         if not self._started or self._at_end:
             return
         while data := self._reader.read(1 << 20):
@@ -197,6 +210,8 @@ class _DigestCheckedBlob(io.RawIOBase):
         self._check_at_end()
 
     def _check_at_end(self) -> None:
+        if self.failure is not None:
+            raise self.failure
         self._at_end = True
         actual = f"{self._digest.algorithm}:{self._hasher.hexdigest()}"
         if actual != self._digest:

@@ -988,3 +988,33 @@ async def test_insecure_registry_in_registries_conf_allows_http_as_for_skopeo(
     async with proxy("--registries-conf", str(conf), command=SKOPEO) as spawned:
         theirs = await record(spawned.legacy, "OpenImage", image)
     assert ours.success and theirs.success, (ours.error, theirs.error)
+
+
+async def test_a_registry_failing_mid_layer_unpack_is_retryable_not_a_mismatch(
+    plain_registry: Registry, debian_image: DebianImage, tmp_path: Path
+) -> None:
+    # The splitfdstream path unpacks the blob into the cache; a failed read
+    # there once came out as "the source holds a corrupt blob".
+    with fault_proxy(plain_registry.host) as front:
+        front.add(
+            Rule(
+                r"/blobs/" + debian_image.layer_digest,
+                "drop",
+                times=None,
+                after_bytes=1_000_000,
+            )
+        )
+        async with proxy(INSECURE, "--cache-dir", str(tmp_path / "cache")) as spawned:
+            rpc = await spawned.legacy.open_rpc()
+            try:
+                await rpc.initialize()
+                image_id = await rpc.open_image(
+                    f"docker://{front.host}/debian:bookworm"
+                )
+                assert image_id is not None
+                with pytest.raises(RpcError) as caught:
+                    await rpc.get_splitfdstream(image_id, debian_image.layer_digest)
+            finally:
+                await rpc.aclose()
+    assert caught.value.data["kind"] == "retryable", caught.value.message
+    assert not list((tmp_path / "cache" / "layers" / "sha256").iterdir())
