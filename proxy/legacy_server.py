@@ -44,6 +44,7 @@ from proxy.image import OpenedImage
 from proxy.pipes import (
     Cancelled,
     Progress,
+    WriteEnd,
     copy_raw,
     copy_verified,
     make_pipe,
@@ -77,6 +78,8 @@ class ActivePipe:
     progress: Progress
     done: anyio.Event
     error: BaseException | None = None
+    #: None once the write end is closed (payloads written inline).
+    end: WriteEnd | None = None
 
 
 class SessionOptions:
@@ -339,8 +342,10 @@ class LegacySession:
         work: Callable[[int, Progress], None],
         blob: Blob | None,
     ) -> Outcome:
-        pipe = ActivePipe(progress=Progress(), done=anyio.Event())
-        self._tg.start_soon(self._pipe_worker, pipe, work, write_fd, blob)
+        pipe = ActivePipe(
+            progress=Progress(), done=anyio.Event(), end=WriteEnd(write_fd)
+        )
+        self._tg.start_soon(self._pipe_worker, pipe, work, blob)
         return self._register_pipe(value, read_fd, pipe)
 
     def _register_pipe(self, value: Any, read_fd: int, pipe: ActivePipe) -> Outcome:
@@ -352,17 +357,19 @@ class LegacySession:
         self,
         pipe: ActivePipe,
         work: Callable[[int, Progress], None],
-        fd: int,
         blob: Blob | None,
     ) -> None:
+        end = pipe.end
+        assert end is not None
+
         def release() -> None:
             if blob is not None:
                 blob.close()
-            os.close(fd)
+            end.close()
 
         def run() -> None:
             try:
-                pipe.error = run_guarded(lambda: work(fd, pipe.progress))
+                pipe.error = run_guarded(lambda: work(end.fd, pipe.progress))
             finally:
                 release()
 
@@ -395,6 +402,10 @@ class LegacySession:
                     await pipe.done.wait()
                 pipe.error = stall_error(timeout)
                 break
+        if not pipe.done.is_set() and pipe.end is not None:
+            # The worker is stuck in its source; let the client's read end
+            # see EOF now that it is told the transfer failed.
+            pipe.end.detach()
         del self._pipes[pipeid]
         error = pipe.error
         if isinstance(error, Cancelled):

@@ -53,6 +53,39 @@ class Cancelled(Exception):
     """The transfer was abandoned: FinishPipe timed out or the proxy stops."""
 
 
+class WriteEnd:
+    """A pipe's write end that the event loop can take away from a worker.
+
+    A worker stuck reading its source (a stalled registry) cannot be
+    interrupted, yet its client must see EOF once FinishPipe has reported the
+    failure. ``detach`` points the fd number at /dev/null with ``dup2``: the
+    pipe's write end is released at once, the number stays valid, and any
+    late write of the worker goes nowhere. The lock orders ``detach`` against
+    the worker's ``close``, so a number the kernel reused is never touched.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+
+    def detach(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(null, self.fd, inheritable=False)
+            finally:
+                os.close(null)
+
+
 def make_pipe() -> tuple[int, int]:
     """A close-on-exec pipe whose write end is non-blocking."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)

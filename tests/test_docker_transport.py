@@ -1018,3 +1018,32 @@ async def test_a_registry_failing_mid_layer_unpack_is_retryable_not_a_mismatch(
                 await rpc.aclose()
     assert caught.value.data["kind"] == "retryable", caught.value.message
     assert not list((tmp_path / "cache" / "layers" / "sha256").iterdir())
+
+
+async def test_a_stalled_registry_gives_the_reader_eof_once_finish_pipe_fails(
+    plain_registry: Registry, debian_image: DebianImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker stays stuck in the registry read far longer than the pipe's
+    # stall timeout; the client must still see EOF when FinishPipe fails.
+    monkeypatch.setenv("IMAGE_PROXY_REGISTRY_IDLE_TIMEOUT", "120")
+    with fault_proxy(plain_registry.host) as front:
+        front.add(
+            Rule(
+                r"/blobs/" + debian_image.layer_digest,
+                "stall",
+                times=None,
+                after_bytes=1_000_000,
+            )
+        )
+        async with proxy(INSECURE, "--stall-timeout", "2") as spawned:
+            client = spawned.legacy
+            image = await client.open_image(f"docker://{front.host}/debian:bookworm")
+            _, fds, pipeid = await client.call(
+                "GetBlob", image, debian_image.layer_digest, layer_size(debian_image)
+            )
+            with anyio.fail_after(60):
+                payload, done = await read_and_finish(client, fds[0], pipeid)
+    assert not done.success
+    assert done.error_code == "retryable"
+    assert "no progress" in done.error
+    assert len(payload) < layer_size(debian_image)
