@@ -7,6 +7,7 @@ never import typer; ``pull``, ``inspect`` and help use the typer app.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -17,7 +18,14 @@ def main() -> None:
     if COMMAND in argv and not {"-h", "--help"} & set(argv[: argv.index(COMMAND)]):
         from proxy.proxy_command import run
 
-        sys.exit(run(argv))
+        status = run(argv)
+        # A transfer thread may still be blocked reading a stalled source;
+        # the client asked us to stop (or hung up), so do not wait for it.
+        # Everything the proxy holds is released by the kernel at exit, and
+        # an interrupted cache build is swept by the next proxy.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     from proxy.cli import app
 
     app()
