@@ -376,17 +376,20 @@ class ApiSession:
         )
 
     async def get_layer_info(self, params: api.ImageParams) -> Reply:
-        resolved = await self._image(params.image_id).resolve()
+        image = self._image(params.image_id)
+        resolved = await image.resolve()
+        # Layers as GetBlob can serve them: a store that keeps them
+        # uncompressed (containers-storage) lists those, as the legacy
+        # GetLayerInfo does; everything else lists the manifest's.
+        infos = image.source.layer_infos_for_copy() or resolved.layer_infos()
         layers = [
             api.LayerDescription(
-                digest=layer.digest,
+                digest=info.digest,
                 diff_id=diff_id,
-                size=layer.size,
-                media_type=layer.media_type,
+                size=info.size,
+                media_type=info.media_type,
             )
-            for layer, diff_id in zip(
-                resolved.manifest.layers, resolved.diff_ids(), strict=True
-            )
+            for info, diff_id in zip(infos, resolved.diff_ids(), strict=True)
         ]
         return Reply(api.GetLayerInfoResult(layers=layers))
 

@@ -695,3 +695,35 @@ async def test_debian_pull_from_a_store_on_xfs_reflinks_the_store_files(
         assert largest and all(shares_extents(path) for path in largest)
         # The store's copies are the other owners of those extents.
         assert all(shares_extents(content / p.relative_to(dest)) for p in largest)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_api_layer_info_lists_digests_get_blob_can_serve(
+    synthetic_stores: dict[str, ContainerStore], driver: str
+) -> None:
+    store = synthetic_stores[driver]
+    chain = store.layer_chain("whiteouts")
+    async with ProxyProcess.spawn(["--insecure-policy"]) as proxy:
+        await proxy.legacy.initialize()
+        rpc = await proxy.legacy.open_rpc()
+        try:
+            await rpc.initialize()
+            image_id = await rpc.open_image(store.reference("whiteouts"))
+            assert image_id is not None
+            layers = await rpc.get_layer_info(image_id)
+            assert [
+                (layer.digest, layer.size, layer.media_type) for layer in layers
+            ] == [
+                (entry["diff-digest"], entry["diff-size"], OCI_LAYER) for entry in chain
+            ]
+            for layer in layers:
+                _, data_fd, error_fd = await rpc.get_blob(image_id, layer.digest)
+                with (
+                    os.fdopen(data_fd, "rb") as data,
+                    os.fdopen(error_fd, "rb") as error,
+                ):
+                    content = await anyio.to_thread.run_sync(data.read)
+                    assert await anyio.to_thread.run_sync(error.read) == b""
+                assert "sha256:" + hashlib.sha256(content).hexdigest() == layer.digest
+        finally:
+            await rpc.aclose()
