@@ -195,7 +195,8 @@ class LegacySession:
     async def close_image(self, args: list[Any]) -> Outcome:
         legacy.expect_arg_count(args, 1, "invalid request, expecting one argument")
         image = self._image(args[0])
-        del self._images[legacy.parse_u64(args[0])]
+        # _image validated the id, so it is the key as given.
+        del self._images[int(args[0])]
         await image.close()
         return Outcome(None)
 
